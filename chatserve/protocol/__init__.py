@@ -1,0 +1,1 @@
+"""Every wire model of chatserve: the public OpenAI schema, the internal plane, the error envelope."""

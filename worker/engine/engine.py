@@ -1,0 +1,166 @@
+"""The engine: `add_request`, `abort`, `step`. One step = schedule -> run -> sample -> update -> outputs.
+
+Not thread-safe by design: one thread owns it (see worker/async_engine.py). Each step returns, for every
+sequence that advanced, a `SeqOutput` with the *delta* text and tokens since the last step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatserve.protocol.sampling import SamplingParams
+from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.kv_cache import BlockManager
+from worker.engine.model_runner import ModelRunner
+from worker.engine.request import Sequence
+from worker.engine.sampler import SampleResult, sample
+from worker.engine.scheduler import Scheduler
+from worker.engine.stopping import StopChecker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SeqOutput:
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+
+
+@dataclass(slots=True)
+class _Tracked:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    stop: StopChecker
+    sent_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+    recent: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens) for throughput
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        self.recent = [(t, n) for t, n in self.recent if now - t <= window]
+        return sum(n for _, n in self.recent) / window
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, tokenizer: Any, max_num_seqs: int = 256,
+                 max_batched_tokens: int = 2048, enable_prefix_caching: bool = True):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.max_model_len = runner.max_model_len
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
+                                   max_batched_tokens=max(max_batched_tokens, max_num_seqs))
+        self.eos_ids = tuple(runner.cfg.eos_token_ids)
+        self.tracked: dict[int, _Tracked] = {}
+        self.by_request: dict[str, list[Sequence]] = {}
+        self.stats = EngineStats()
+
+    # --- requests -----------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> None:
+        if request_id in self.by_request:
+            raise ValueError(f"duplicate request id {request_id}")
+        if not prompt_token_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens does not fit the context of "
+                             f"{self.max_model_len} tokens")
+        if len(prompt_token_ids) + 1 > self.blocks.num_blocks * self.blocks.block_size:
+            raise ValueError("prompt is larger than the whole KV cache")
+        seqs = []
+        for i in range(n):
+            seq = Sequence(request_id, i, list(prompt_token_ids), params, arrival=time.monotonic())
+            self.tracked[seq.seq_id] = _Tracked(seq, IncrementalDetokenizer(self.tokenizer), StopChecker(params.stop))
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        self.by_request[request_id] = seqs
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request at once and free its blocks (a client disconnected)."""
+        for seq in self.by_request.pop(request_id, []):
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+            self.tracked.pop(seq.seq_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- stepping -----------------------------------------------------------------------------------
+
+    def step(self) -> list[SeqOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return []
+        logits, seqs = self.runner.execute(batch)
+        results = sample(logits, seqs, self.eos_ids) if seqs else []
+        self.scheduler.update(batch, {s.seq_id: r.token_id for s, r in zip(seqs, results)})
+        self.stats.steps += 1
+        self.stats.prompt_tokens += sum(it.num_tokens for it in batch.items if not it.samples or it.num_tokens > 1)
+        self.stats.generation_tokens += len(seqs)
+        self.stats.recent.append((time.monotonic(), len(seqs)))
+        return [self._advance(seq, res) for seq, res in zip(seqs, results)]
+
+    def _advance(self, seq: Sequence, res: SampleResult) -> SeqOutput:
+        tr = self.tracked[seq.seq_id]
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        token = res.token_id
+        p = seq.params
+        reason: str | None = None
+        if not p.ignore_eos and seq.num_output_tokens > p.min_tokens - 1 and (
+                token in self.eos_ids or token in p.stop_token_ids):
+            reason = "stop"
+        text = tr.detok.step(seq.output_token_ids)
+        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            text += tr.detok.flush(seq.output_token_ids)
+        text = tr.stop.feed(text)
+        if tr.stop.stopped:
+            reason = "stop"
+        elif reason is not None:
+            text += tr.stop.flush()
+        new_tokens = seq.output_token_ids[tr.sent_tokens :]
+        tr.sent_tokens = seq.num_output_tokens
+        logprobs = None
+        if res.logprob is not None:
+            logprobs = [(token, res.logprob, res.top or [])]
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.tracked.pop(seq.seq_id, None)
+            group = self.by_request.get(seq.request_id, [])
+            if all(s.is_finished for s in group):
+                self.by_request.pop(seq.request_id, None)
+        return SeqOutput(seq.request_id, seq.index, text, new_tokens, reason is not None, reason,
+                         seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens, logprobs)
+
+    # --- load report --------------------------------------------------------------------------------
+
+    def load(self) -> dict[str, float | int]:
+        q, h = self.blocks.query_tokens, self.blocks.hit_tokens
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "queue_length": len(self.scheduler.running) + len(self.scheduler.waiting),
+            "kv_cache_usage": self.blocks.usage(),
+            "kv_capacity_tokens": self.runner.capacity_tokens,
+            "tokens_per_second": self.stats.tokens_per_second(),
+            "prefix_cache_hit_rate": (h / q) if q else 0.0,
+        }

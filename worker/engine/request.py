@@ -1,0 +1,71 @@
+"""A sequence's state machine: WAITING -> RUNNING -> FINISHED (RUNNING -> WAITING on preemption).
+
+Invariants: `token_ids` = prompt + generated tokens; `num_computed_tokens` of them have KV in the cache
+(their blocks listed in `block_table`); a sequence samples a new token only in a step that computes up to
+its last token.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from chatserve.protocol.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_seq_counter = itertools.count()
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n choices
+    token_ids: list[int]
+    params: SamplingParams
+    num_prompt_tokens: int = 0
+    seq_id: int = field(default_factory=lambda: next(_seq_counter))
+    status: SeqStatus = SeqStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    cached_counted: bool = False
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    arrival: float = 0.0
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.token_ids)
+        if self.params.seed is not None:
+            g = torch.Generator()
+            g.manual_seed(self.params.seed + self.index)
+            self.generator = g
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens

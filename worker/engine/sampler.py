@@ -1,0 +1,99 @@
+"""Per-request sampling over a batch of logits: penalties, temperature, top-k, top-p, seeds, logprobs.
+
+Rows are independent: each has its own parameters, and a seeded row draws from its own
+`torch.Generator`, so the same seed gives the same output whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.engine.request import Sequence
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            ids = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+            vals = logits[i, ids]
+            logits[i, ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            out = torch.tensor(seq.output_token_ids, device=logits.device)
+            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+            logits[i] -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
+
+
+def _mask_eos(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> None:
+    for i, seq in enumerate(seqs):
+        if seq.num_output_tokens < seq.params.min_tokens or seq.params.ignore_eos:
+            for eos in (*eos_ids, *seq.params.stop_token_ids):
+                if eos < logits.shape[1]:
+                    logits[i, eos] = float("-inf")
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits [N, V]; top_k [N] (V for off); top_p [N]. Masks the rest to -inf."""
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+    drop = ranks >= top_k.unsqueeze(1)
+    probs = sorted_logits.softmax(dim=-1)
+    cum = probs.cumsum(dim=-1)
+    drop |= (cum - probs) > top_p.unsqueeze(1)  # keep the smallest set whose mass reaches top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[SampleResult]:
+    """logits: [N, V] float32, one row per sequence that samples this step."""
+    want_logprobs = [s.params.logprobs is not None for s in seqs]
+    raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+    if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+           for s in seqs):
+        _apply_penalties(logits, seqs)
+    _mask_eos(logits, seqs, eos_ids)
+
+    vocab = logits.shape[1]
+    greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+    tokens = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        temps = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs], device=logits.device)
+        scaled = logits / temps.unsqueeze(1)
+        top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device=logits.device)
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
+        if bool((top_k < vocab).any() or (top_p < 1.0).any()):
+            scaled = _top_k_top_p(scaled, top_k, top_p)
+        probs = scaled.softmax(dim=-1)
+        # exponential race (Gumbel-max on probabilities): argmax(p / E), E ~ Exp(1) per row
+        noise = torch.empty_like(probs)
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:
+                noise[i] = torch.empty(vocab).exponential_(generator=seq.generator).to(noise.device)
+            else:
+                noise[i].exponential_()
+        sampled = (probs / noise).argmax(dim=-1)
+        tokens = torch.where(greedy, tokens, sampled)
+
+    token_list = tokens.tolist()
+    results = [SampleResult(t) for t in token_list]
+    if raw_logprobs is not None:
+        for i, seq in enumerate(seqs):
+            if not want_logprobs[i]:
+                continue
+            k = seq.params.logprobs or 0
+            results[i].logprob = float(raw_logprobs[i, token_list[i]])
+            if k:
+                vals, ids = raw_logprobs[i].topk(k)
+                results[i].top = list(zip(ids.tolist(), vals.tolist()))
+            else:
+                results[i].top = []
+    return results

@@ -1,0 +1,127 @@
+"""Continuous-batching scheduler: `schedule()` picks what runs this step, `update()` advances requests.
+
+Each step has a token budget. Running sequences in decode get one token each first (steady inter-token
+latency for streaming users); the rest of the budget goes to prefill, chunked, of running then waiting
+sequences (FCFS). When blocks run out, the newest running sequence is preempted: its blocks are freed and
+it goes back to the head of the queue, to be recomputed later (prompt + what it generated so far), so no
+request is ever dropped. Prefix-cached blocks make the recompute cheap.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from worker.engine.kv_cache import BlockManager
+from worker.engine.request import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's last token (so a new token is sampled)."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class Batch:
+    items: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(it.num_tokens == 1 and it.samples for it in self.items)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(it.num_tokens for it in self.items)
+
+
+@dataclass
+class Scheduler:
+    blocks: BlockManager
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 2048
+    waiting: deque[Sequence] = field(default_factory=deque)
+    running: list[Sequence] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence, batch: Batch) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> Batch:
+        batch = Batch()
+        budget = self.max_batched_tokens
+        # 1. decode: one token per running sequence that has computed all but its last token
+        for seq in list(self.running):
+            if seq not in self.running or seq.num_uncomputed != 1:
+                continue
+            while not self.blocks.can_append(seq) and self.running:
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                batch.items = [it for it in batch.items if it.seq is not victim]
+                budget = self.max_batched_tokens - batch.num_tokens
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            self.blocks.append_slots(seq)
+            batch.items.append(ScheduledSeq(seq, 1))
+            budget -= 1
+        # 2. prefill chunks of running sequences still in prefill
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.num_uncomputed > 1:
+                n = min(seq.num_uncomputed, budget)
+                batch.items.append(ScheduledSeq(seq, n))
+                budget -= n
+        # 3. admit waiting sequences while blocks and budget last
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed, budget)
+            batch.items.append(ScheduledSeq(seq, n))
+            budget -= n
+        return batch
+
+    def update(self, batch: Batch, sampled: dict[int, int]) -> None:
+        """Advance computed counts and append sampled tokens (seq_id -> token id)."""
+        for it in batch.items:
+            seq = it.seq
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += it.num_tokens
+            token = sampled.get(seq.seq_id)
+            if token is not None:
+                seq.token_ids.append(token)
+            self.blocks.commit_full_blocks(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self.blocks.free_seq(seq)
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED

@@ -1,0 +1,80 @@
+"""Triton kernel for decode attention that reads K/V straight from the paged cache.
+
+One program per (sequence, query head): walks the sequence's block table in tiles of TILE tokens with an
+online softmax, so the cache is never gathered into a contiguous copy. Shapes:
+q/out [B, H, D]; k_cache/v_cache [slots, KVH, D]; block_tables [B, max_blocks] int32; context_lens [B].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():  # built lazily: nothing happens at import time, and CPU-only hosts never import triton
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def paged_decode_kernel(
+        out_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, scale,
+        stride_qb, stride_qh, stride_ob, stride_oh, stride_ks, stride_kh, stride_bt,
+        GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // GROUP
+        length = tl.load(lens_ptr + b)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
+        m_i = tl.full([1], float("-inf"), tl.float32)
+        l_i = tl.zeros([1], tl.float32)
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        offs = tl.arange(0, TILE)
+        for start in range(0, length, TILE):
+            pos = start + offs
+            valid = pos < length
+            page = tl.load(bt_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
+            slot = page.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            p = tl.exp(s - m_new)
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        o = acc / l_i
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+
+    return paged_decode_kernel
+
+
+def paged_decode(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, scale: float) -> None:
+    bsz, heads, head_dim = q.shape
+    group = heads // k_cache.shape[1]
+    tile = 64 if head_dim <= 64 else 32
+    _kernel()[(bsz, heads)](
+        out, q, k_cache, v_cache, block_tables, context_lens, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        block_tables.stride(0),
+        GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, TILE=tile,
+        num_warps=4,
+    )
