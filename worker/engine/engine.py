@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from chatserve.protocol.sampling import SamplingParams
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.kv_cache import BlockManager
@@ -104,6 +106,7 @@ class LLMEngine:
 
     # --- stepping -----------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[SeqOutput]:
         batch = self.scheduler.schedule()
         if not batch.items:

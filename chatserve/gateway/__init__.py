@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API gateway: routes (thin), serving logic, SSE encoding, auth and limits."""

@@ -1,0 +1,136 @@
+"""Gateway routes (thin): /v1/models, /v1/chat/completions, /v1/completions, /tokenize, /detokenize,
+/health. Auth (Bearer API keys, constant-time), body-size limit, CORS, and the error envelope.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from chatserve.gateway.serving import ChatService, CompletionService
+from chatserve.gateway.upstream import Upstream, WorkerUnreachable
+from chatserve.http import error_response, install_error_handlers, serve, setup_logging
+from chatserve.protocol.errors import AuthenticationError, NotFoundError, RequestTooLargeError, ServiceUnavailableError
+from chatserve.protocol.internal import DetokenizeRequest, TokenizeRequest
+from chatserve.protocol.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from chatserve.settings import GatewaySettings
+
+log = logging.getLogger("chatserve.gateway")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def build_app(settings: GatewaySettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+        async with httpx.AsyncClient(limits=limits) as client:
+            upstream = Upstream(client, settings.controller_url.rstrip("/"), settings.internal_secret,
+                                settings.worker_cache_ttl)
+            app.state.upstream = upstream
+            app.state.chat = ChatService(upstream, settings.max_tokens_cap)
+            app.state.completions = CompletionService(upstream, settings.max_tokens_cap)
+            yield
+
+    app = FastAPI(title="chatserve API", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+
+    keys = [k.encode() for k in settings.api_keys]
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):  # type: ignore[no-untyped-def]
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return error_response(RequestTooLargeError(
+                f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes} bytes"))
+        return await call_next(request)
+
+    def auth(request: Request) -> None:
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        ok = False
+        for key in keys:  # compare against every key, constant time each
+            ok |= hmac.compare_digest(given, key)
+        if not ok:
+            raise AuthenticationError("Incorrect API key provided." if given else "Missing API key "
+                                      "(send 'Authorization: Bearer <key>').", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health(request: Request) -> Any:
+        try:
+            models = await request.app.state.upstream.models()
+        except ServiceUnavailableError:
+            return JSONResponse({"status": "degraded", "controller": "unreachable"}, status_code=503)
+        return {"status": "ok", "models": [m.name for m in models.models]}
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def list_models(request: Request) -> ModelList:
+        models = await request.app.state.upstream.models()
+        return ModelList(data=[ModelCard(id=m.name, max_model_len=m.context_length) for m in models.models])
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(auth)])
+    async def get_model(model_id: str, request: Request) -> ModelCard:
+        models = await request.app.state.upstream.models()
+        for m in models.models:
+            if m.name == model_id:
+                return ModelCard(id=m.name, max_model_len=m.context_length)
+        raise NotFoundError(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        service: ChatService = request.app.state.chat
+        if body.stream:
+            events = await service.stream(body)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return await service.complete(body)
+
+    @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        service: CompletionService = request.app.state.completions
+        if body.stream:
+            events = await service.stream(body)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return await service.complete(body)
+
+    async def _worker_call(request: Request, model: str, path: str, body: dict) -> Any:
+        upstream: Upstream = request.app.state.upstream
+        worker = await upstream.dispatch(model, None, [])
+        try:
+            return await upstream.worker_call(worker, path, body)
+        except WorkerUnreachable:
+            await upstream.report_failure(worker.worker_id)
+            raise ServiceUnavailableError(f"the worker for model '{model}' is unreachable") from None
+
+    @app.post("/tokenize", dependencies=[Depends(auth)])
+    async def tokenize(body: TokenizeRequest, request: Request) -> Any:
+        return await _worker_call(request, body.model, "/tokenize", body.model_dump(exclude_none=True))
+
+    @app.post("/detokenize", dependencies=[Depends(auth)])
+    async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
+        return await _worker_call(request, body.model, "/detokenize", body.model_dump())
+
+    @app.get("/status", dependencies=[Depends(auth)])
+    async def status(request: Request) -> Any:
+        return await request.app.state.upstream.status()
+
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = GatewaySettings.from_args(argv, prog="chatserve gateway")
+    setup_logging(settings.log_level)
+    serve(build_app(settings), settings.host, settings.port, settings.log_level)

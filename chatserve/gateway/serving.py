@@ -1,0 +1,292 @@
+"""Serving logic for /v1/chat/completions and /v1/completions: pick a worker, stream, aggregate.
+
+A request is retried on another worker if its worker fails before the first token (nothing was sent to
+the client yet, so nothing is answered twice). After the first token a failure becomes an SSE error
+event and the worker is reported to the controller. The stream's first event from the worker ("start")
+is read before the client's response begins, so refusals (context too long, queue full) keep their
+HTTP status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatserve.gateway.sse import sse_data, sse_done, sse_error
+from chatserve.gateway.upstream import Upstream, WorkerUnreachable
+from chatserve.protocol.errors import BadRequestError, ChatServeError, InternalError, ServiceUnavailableError
+from chatserve.protocol.internal import GenerateChunk, GenerateRequest, Message
+from chatserve.protocol.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    new_id,
+    now,
+)
+
+log = logging.getLogger("chatserve.gateway")
+
+MAX_ATTEMPTS = 3
+SYSTEM_FINGERPRINT = "fp_chatserve"
+
+
+def conversation_key(model: str, messages: list[Message]) -> str | None:
+    """Identity of a conversation for worker affinity: model + system prompt + first user message."""
+    head = [m for m in messages if m.role == "system"] + [m for m in messages if m.role == "user"][:1]
+    if not head:
+        return None
+    text = json.dumps([model, [(m.role, m.content) for m in head]])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass
+class StartedStream:
+    """A worker stream whose first ("start") event has arrived."""
+
+    start: GenerateChunk
+    chunks: AsyncIterator[GenerateChunk]
+    worker_id: str
+    upstream: Upstream
+
+    async def rest(self) -> AsyncIterator[GenerateChunk]:
+        try:
+            async for chunk in self.chunks:
+                if chunk.kind == "error":
+                    raise InternalError((chunk.error or {}).get("message", "worker error"))
+                yield chunk
+        except WorkerUnreachable:
+            await self.upstream.report_failure(self.worker_id)
+            raise ServiceUnavailableError("the worker serving this request failed mid-stream") from None
+
+
+async def open_stream(upstream: Upstream, model: str, req: GenerateRequest, prefix_key: str | None) -> StartedStream:
+    tried: list[str] = []
+    last: Exception | None = None
+    for _ in range(MAX_ATTEMPTS):
+        worker = await upstream.dispatch(model, prefix_key, tried)
+        chunks = upstream.generate(worker, req)
+        try:
+            start = await chunks.__anext__()
+        except WorkerUnreachable as exc:
+            log.warning("worker %s failed before the first token (%s): retrying elsewhere", worker.worker_id, exc)
+            tried.append(worker.worker_id)
+            await upstream.report_failure(worker.worker_id)
+            last = exc
+            continue
+        except StopAsyncIteration:
+            tried.append(worker.worker_id)
+            continue
+        return StartedStream(start, chunks, worker.worker_id, upstream)
+    raise ServiceUnavailableError(f"no worker could serve model '{model}'") from last
+
+
+def resolve_max_tokens(requested: int | None, cap: int) -> tuple[int, bool]:
+    if requested is None:
+        return cap, True
+    if requested > cap:
+        raise BadRequestError(f"max_tokens must be at most {cap}", param="max_tokens")
+    return requested, False
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    finish: str | None = None
+    completion_tokens: int = 0
+    logprobs: list[Any] = field(default_factory=list)
+
+
+def _chat_logprobs(chunk: GenerateChunk) -> ChoiceLogprobs | None:
+    if chunk.logprobs is None:
+        return None
+    return ChoiceLogprobs(content=[
+        TokenLogprob(token=lp.token, logprob=lp.logprob, bytes=list(lp.token.encode()),
+                     top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for t, v in lp.top])
+        for lp in chunk.logprobs])
+
+
+class ChatService:
+    def __init__(self, upstream: Upstream, max_tokens_cap: int):
+        self.upstream = upstream
+        self.cap = max_tokens_cap
+
+    def to_generate(self, body: ChatCompletionRequest) -> tuple[GenerateRequest, str | None]:
+        if body.response_format is not None and body.response_format.type != "text":
+            raise BadRequestError("only response_format type 'text' is supported", param="response_format")
+        messages = [Message(**m.plain()) for m in body.messages]
+        max_tokens, unset = resolve_max_tokens(body.requested_max_tokens(), self.cap)
+        req = GenerateRequest(request_id=new_id("chatcmpl"), messages=messages, chat_template=body.chat_template,
+                              params=body.to_sampling_params(max_tokens, body.requested_logprobs()),
+                              n=body.n, max_tokens_unset=unset)
+        return req, conversation_key(body.model, messages)
+
+    async def complete(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
+        req, key = self.to_generate(body)
+        started = await open_stream(self.upstream, body.model, req, key)
+        choices = [_Choice() for _ in range(body.n)]
+        cached = 0
+        async for chunk in started.rest():
+            c = choices[chunk.index]
+            c.text.append(chunk.text)
+            if chunk.logprobs:
+                c.logprobs.extend(chunk.logprobs)
+            if chunk.finish_reason:
+                c.finish, c.completion_tokens = chunk.finish_reason, chunk.completion_tokens
+                cached = max(cached, chunk.cached_tokens)
+        prompt_tokens = started.start.prompt_tokens
+        out = []
+        for i, c in enumerate(choices):
+            lp = None
+            if body.logprobs:
+                lp = _chat_logprobs(GenerateChunk(kind="delta", logprobs=c.logprobs))
+            out.append(ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)),
+                                  finish_reason=c.finish or "stop", logprobs=lp))  # type: ignore[arg-type]
+        usage = Usage.of(prompt_tokens, sum(c.completion_tokens for c in choices), cached)
+        return ChatCompletionResponse(id=req.request_id, created=now(), model=body.model,
+                                      system_fingerprint=SYSTEM_FINGERPRINT, choices=out, usage=usage)
+
+    async def stream(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
+        """Opens the worker stream first (errors raise before any byte is sent), then yields SSE events."""
+        req, key = self.to_generate(body)
+        started = await open_stream(self.upstream, body.model, req, key)
+        return self._events(body, req.request_id, started)
+
+    async def _events(self, body: ChatCompletionRequest, rid: str, started: StartedStream) -> AsyncIterator[str]:
+        created = now()
+
+        def chunk_of(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            return sse_data(ChatCompletionChunk(id=rid, created=created, model=body.model, choices=choices,
+                                                system_fingerprint=SYSTEM_FINGERPRINT, usage=usage))
+
+        for i in range(body.n):
+            yield chunk_of([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        completion, cached = 0, 0
+        try:
+            async for chunk in started.rest():
+                if chunk.text or chunk.finish_reason or chunk.logprobs:
+                    yield chunk_of([ChatChunkChoice(
+                        index=chunk.index, delta=DeltaMessage(content=chunk.text or None),
+                        finish_reason=chunk.finish_reason, logprobs=_chat_logprobs(chunk))])
+                if chunk.finish_reason:
+                    completion += chunk.completion_tokens
+                    cached = max(cached, chunk.cached_tokens)
+        except ChatServeError as exc:
+            yield sse_error(exc)
+            return
+        if body.include_usage():
+            yield chunk_of([], Usage.of(started.start.prompt_tokens, completion, cached))
+        yield sse_done()
+
+
+class CompletionService:
+    def __init__(self, upstream: Upstream, max_tokens_cap: int):
+        self.upstream = upstream
+        self.cap = max_tokens_cap
+
+    def to_generate(self, body: CompletionRequest, prompt: str | list[int]) -> GenerateRequest:
+        # OpenAI's legacy default for completions is 16 tokens
+        max_tokens, _ = resolve_max_tokens(body.max_tokens or 16, self.cap)
+        logprobs = body.logprobs if body.logprobs is not None else None
+        return GenerateRequest(
+            request_id=new_id("cmpl"), prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=prompt if isinstance(prompt, list) else None, echo=body.echo,
+            params=body.to_sampling_params(max_tokens, logprobs), n=body.n)
+
+    def _prompts(self, body: CompletionRequest) -> list[str | list[int]]:
+        prompts = body.prompts()
+        if not prompts:
+            raise BadRequestError("prompt must not be empty", param="prompt")
+        if len(prompts) * body.n > 64:
+            raise BadRequestError("at most 64 prompts x n per request", param="prompt")
+        return prompts
+
+    async def complete(self, body: CompletionRequest) -> CompletionResponse:
+        prompts = self._prompts(body)
+        rid, choices, usage = new_id("cmpl"), [], Usage()
+        for p_index, prompt in enumerate(prompts):
+            req = self.to_generate(body, prompt)
+            started = await open_stream(self.upstream, body.model, req, None)
+            parts = [_Choice() for _ in range(body.n)]
+            cached = 0
+            async for chunk in started.rest():
+                c = parts[chunk.index]
+                c.text.append(chunk.text)
+                if chunk.logprobs:
+                    c.logprobs.extend(chunk.logprobs)
+                if chunk.finish_reason:
+                    c.finish, c.completion_tokens = chunk.finish_reason, chunk.completion_tokens
+                    cached = max(cached, chunk.cached_tokens)
+            echo = (started.start.prompt_text or "") if body.echo else ""
+            for i, c in enumerate(parts):
+                choices.append(CompletionChoice(index=p_index * body.n + i, text=echo + "".join(c.text),
+                                                finish_reason=c.finish or "stop",  # type: ignore[arg-type]
+                                                logprobs=_completion_logprobs(c.logprobs) if body.logprobs is not None else None))
+            u = Usage.of(started.start.prompt_tokens, sum(c.completion_tokens for c in parts), cached)
+            usage = Usage.of(usage.prompt_tokens + u.prompt_tokens, usage.completion_tokens + u.completion_tokens,
+                             usage.prompt_tokens_details.cached_tokens + cached)
+        return CompletionResponse(id=rid, created=now(), model=body.model, system_fingerprint=SYSTEM_FINGERPRINT,
+                                  choices=choices, usage=usage)
+
+    async def stream(self, body: CompletionRequest) -> AsyncIterator[str]:
+        prompts = self._prompts(body)
+        if len(prompts) != 1:
+            raise BadRequestError("streaming supports one prompt per request", param="prompt")
+        req = self.to_generate(body, prompts[0])
+        started = await open_stream(self.upstream, body.model, req, None)
+        return self._events(body, req.request_id, started)
+
+    async def _events(self, body: CompletionRequest, rid: str, started: StartedStream) -> AsyncIterator[str]:
+        created = now()
+
+        def chunk_of(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+            return sse_data(CompletionResponse(id=rid, created=created, model=body.model, choices=choices,
+                                               system_fingerprint=SYSTEM_FINGERPRINT, usage=usage))
+
+        if body.echo and started.start.prompt_text:
+            for i in range(body.n):
+                yield chunk_of([CompletionChoice(index=i, text=started.start.prompt_text)])
+        completion, cached = 0, 0
+        try:
+            async for chunk in started.rest():
+                if chunk.text or chunk.finish_reason:
+                    lp = _completion_logprobs(chunk.logprobs or []) if body.logprobs is not None else None
+                    yield chunk_of([CompletionChoice(index=chunk.index, text=chunk.text,
+                                                     finish_reason=chunk.finish_reason, logprobs=lp)])
+                if chunk.finish_reason:
+                    completion += chunk.completion_tokens
+                    cached = max(cached, chunk.cached_tokens)
+        except ChatServeError as exc:
+            yield sse_error(exc)
+            return
+        if body.include_usage():
+            yield chunk_of([], Usage.of(started.start.prompt_tokens, completion, cached))
+        yield sse_done()
+
+
+def _completion_logprobs(items: list[Any]) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    offset = 0
+    for lp in items:
+        out.tokens.append(lp.token)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({t: v for t, v in lp.top} if lp.top else None)
+        out.text_offset.append(offset)
+        offset += len(lp.token)
+    return out
+

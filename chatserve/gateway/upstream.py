@@ -1,0 +1,129 @@
+"""The gateway's view of the internal plane: which worker (controller), and the worker's stream.
+
+One `httpx.AsyncClient` per process. Worker addresses seen in dispatches are cached for a short time, so
+the gateway keeps serving while the controller restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+
+from chatserve.http import secret_headers
+from chatserve.protocol.errors import (
+    ChatServeError,
+    NotFoundError,
+    ServiceUnavailableError,
+    error_from_envelope,
+)
+from chatserve.protocol.internal import DispatchRequest, DispatchResponse, GenerateChunk, GenerateRequest, ModelsResponse
+
+log = logging.getLogger("chatserve.gateway")
+
+
+class WorkerUnreachable(Exception):
+    """The worker could not be reached or broke its stream (it may be dead)."""
+
+
+@dataclass
+class Upstream:
+    client: httpx.AsyncClient
+    controller_url: str
+    secret: str = ""
+    cache_ttl: float = 10.0
+    _cache: dict[str, tuple[float, list[DispatchResponse]]] = field(default_factory=dict)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return secret_headers(self.secret)
+
+    async def _controller(self, method: str, path: str, **kw: object) -> httpx.Response:
+        try:
+            resp = await self.client.request(method, self.controller_url + path, headers=self.headers,
+                                             timeout=5.0, **kw)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailableError("the controller is unreachable") from exc
+        if resp.status_code >= 400:
+            raise _upstream_error(resp)
+        return resp
+
+    async def models(self) -> ModelsResponse:
+        return ModelsResponse(**(await self._controller("GET", "/models")).json())
+
+    async def status(self) -> dict:
+        return (await self._controller("GET", "/status")).json()
+
+    async def dispatch(self, model: str, prefix_key: str | None, exclude: list[str]) -> DispatchResponse:
+        req = DispatchRequest(model=model, prefix_key=prefix_key, exclude=exclude)
+        try:
+            resp = await self._controller("POST", "/dispatch", json=req.model_dump())
+        except ServiceUnavailableError as exc:
+            cached = [w for w in self._cached(model) if w.worker_id not in exclude]
+            if cached and "controller" in exc.message:
+                log.warning("controller unreachable: using cached worker %s for %s", cached[0].worker_id, model)
+                return cached[0]
+            raise
+        choice = DispatchResponse(**resp.json())
+        now = time.monotonic()
+        _, known = self._cache.get(model, (now, []))
+        self._cache[model] = (now, [choice, *[w for w in known if w.worker_id != choice.worker_id]][:8])
+        return choice
+
+    def _cached(self, model: str) -> list[DispatchResponse]:
+        entry = self._cache.get(model)
+        if entry is None or time.monotonic() - entry[0] > self.cache_ttl:
+            return []
+        return entry[1]
+
+    def forget(self, worker_id: str) -> None:
+        for model, (t, workers) in list(self._cache.items()):
+            self._cache[model] = (t, [w for w in workers if w.worker_id != worker_id])
+
+    async def report_failure(self, worker_id: str) -> None:
+        self.forget(worker_id)
+        try:
+            await self._controller("POST", "/report_failure", json={"worker_id": worker_id})
+        except ChatServeError:
+            pass
+
+    async def worker_call(self, worker: DispatchResponse, path: str, body: dict) -> dict:
+        try:
+            resp = await self.client.post(worker.address + path, json=body, headers=self.headers, timeout=30.0)
+        except httpx.HTTPError as exc:
+            raise WorkerUnreachable(str(exc)) from exc
+        if resp.status_code >= 400:
+            raise _upstream_error(resp)
+        return resp.json()
+
+    async def generate(self, worker: DispatchResponse, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Open the worker's stream. Errors before the stream starts raise ChatServeError (a refusal, with
+        the worker's status) or WorkerUnreachable; a stream cut later raises WorkerUnreachable."""
+        try:
+            async with self.client.stream("POST", worker.address + "/generate", json=req.model_dump(),
+                                          headers=self.headers, timeout=httpx.Timeout(10.0, read=None)) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    if resp.status_code == 503:
+                        raise WorkerUnreachable(f"worker answered 503: {resp.text[:200]}")
+                    raise _upstream_error(resp)
+                async for line in resp.aiter_lines():
+                    if line:
+                        yield GenerateChunk(**json.loads(line))
+        except httpx.HTTPError as exc:
+            raise WorkerUnreachable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _upstream_error(resp: httpx.Response) -> ChatServeError:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    err = error_from_envelope(resp.status_code, body)
+    if resp.status_code == 404 and not isinstance(err, NotFoundError):
+        return NotFoundError(err.message)
+    return err

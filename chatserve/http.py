@@ -1,0 +1,124 @@
+"""HTTP plumbing shared by every service: error envelope handlers, the internal-plane secret, serving.
+
+Every error a service returns is the OpenAI envelope with the right status: validation errors are 400
+(never FastAPI's 422) with `param` naming the field, unknown routes 404, anything unexpected a generic 500
+that carries no stack trace and no internal address (the detail goes to the log).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatserve.protocol.errors import (
+    AuthenticationError,
+    BadRequestError,
+    ChatServeError,
+    ErrorInfo,
+    ErrorResponse,
+    InternalError,
+    NotFoundError,
+    RequestTooLargeError,
+)
+
+log = logging.getLogger("chatserve.http")
+
+SECRET_HEADER = "X-Chatserve-Secret"
+
+
+def error_response(err: ChatServeError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(err.to_dict(), status_code=err.status_code, headers=headers)
+
+
+def validation_param(errors: list[dict[str, Any]]) -> str | None:
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if loc:
+            return ".".join(loc)
+    return None
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        msg = str(e.get("msg", "invalid value"))
+        if e.get("type") == "extra_forbidden":
+            msg = "this field is not supported by this server"
+        elif e.get("type") == "json_invalid":
+            return "Invalid JSON body: " + str(e.get("ctx", {}).get("error", msg))
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ChatServeError)
+    async def _chatserve(_: Request, exc: ChatServeError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status_code in (429, 503) else None
+        return error_response(exc, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        param = validation_param(errors)
+        if any(e.get("type") == "json_invalid" for e in errors):
+            param = None
+        return error_response(BadRequestError(validation_message(errors), param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(NotFoundError(f"no route for {request.method} {request.url.path}"))
+        if exc.status_code == 405:
+            err = BadRequestError(f"method {request.method} is not allowed on {request.url.path}")
+            err.code = 405
+            resp = error_response(err)
+            resp.status_code = 405
+            return resp
+        if exc.status_code == 413:
+            return error_response(RequestTooLargeError(str(exc.detail)))
+        err2 = ChatServeError(str(exc.detail))
+        err2.status_code = exc.status_code
+        err2.code = exc.status_code
+        return error_response(err2)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(InternalError("internal server error"))
+
+
+def check_secret(request: Request, secret: str) -> None:
+    """Internal-plane calls carry the shared secret; compared in constant time."""
+    if not secret:
+        return
+    given = request.headers.get(SECRET_HEADER, "")
+    if not hmac.compare_digest(given.encode(), secret.encode()):
+        raise AuthenticationError("missing or wrong internal secret")
+
+
+def secret_headers(secret: str) -> dict[str, str]:
+    return {SECRET_HEADER: secret} if secret else {}
+
+
+def envelope(message: str, type_: str, code: int, param: str | None = None) -> dict[str, Any]:
+    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
+                timeout_graceful_shutdown=5)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level.lower() != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)

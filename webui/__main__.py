@@ -1,0 +1,3 @@
+from webui.app import main
+
+main()

@@ -1,0 +1,325 @@
+"""The model worker service: load -> warm up -> serve -> register -> heartbeat -> deregister.
+
+The HTTP server is up at once; /health answers 503 ("loading") until the model is loaded and warmed up,
+and the worker registers with the controller only then, so it never registers a model it cannot serve.
+A controller that is down (or not up yet) is retried forever; a restarted controller learns the worker
+again from its next heartbeat (it answers `known: false`, the worker re-registers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from chatserve.http import check_secret, install_error_handlers, secret_headers, serve, setup_logging
+from chatserve.protocol.errors import BadRequestError, ContextLengthError, OverloadedError, ServiceUnavailableError
+from chatserve.protocol.internal import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GenerateChunk,
+    GenerateRequest,
+    Heartbeat,
+    HeartbeatAck,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenLogprobInfo,
+    WorkerLoad,
+    WorkerRegistration,
+)
+from chatserve.settings import WorkerSettings
+from worker.async_engine import AsyncEngine, EngineDeadError
+from worker.engine.engine import LLMEngine, SeqOutput
+from worker.engine.model_runner import CacheConfig, ModelRunner
+from worker.loader import LoadedModel, ModelLoadError, load_model
+from worker.prompting import PromptRenderer
+
+log = logging.getLogger("chatserve.worker")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(settings: WorkerSettings) -> tuple[str, torch.dtype]:
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if settings.dtype == "auto":
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    else:
+        dtype = DTYPES[settings.dtype]
+    return device, dtype
+
+
+@dataclass
+class WorkerState:
+    settings: WorkerSettings
+    worker_id: str
+    address: str
+    status: str = "loading"  # loading -> ready | failed
+    error: str = ""
+    loaded: LoadedModel | None = None
+    engine: AsyncEngine | None = None
+    renderer: PromptRenderer | None = None
+    registered: bool = False
+
+    def require_ready(self) -> tuple[LoadedModel, AsyncEngine, PromptRenderer]:
+        if self.status != "ready" or not self.loaded or not self.engine or not self.renderer:
+            raise ServiceUnavailableError(f"worker is {self.status}")
+        if self.engine.dead:
+            raise ServiceUnavailableError("worker engine failed")
+        return self.loaded, self.engine, self.renderer
+
+    def load_report(self) -> WorkerLoad:
+        if self.engine is None:
+            return WorkerLoad()
+        load = dict(self.engine.load)
+        load["queue_length"] = max(int(load.get("queue_length", 0)), self.engine.pending)
+        return WorkerLoad(**load)  # type: ignore[arg-type]
+
+
+def build_engine(settings: WorkerSettings) -> tuple[LoadedModel, LLMEngine]:
+    device, dtype = resolve_device(settings)
+    log.info("loading model %s on %s (%s)", settings.model_path or "<embedded SmolLM2-135M-Instruct>", device, dtype)
+    t0 = time.monotonic()
+    loaded = load_model(settings.model_path or None, device=device, dtype=dtype,
+                        context_length=settings.context_length, name=settings.model_name or None)
+    log.info("model %s loaded in %.1fs", loaded.name, time.monotonic() - t0)
+    cache = CacheConfig(block_size=settings.block_size, gpu_memory_utilization=settings.gpu_memory_utilization,
+                        cpu_cache_tokens=settings.kv_cache_tokens)
+    runner = ModelRunner(loaded.model, cache, settings.max_num_seqs, loaded.context_length,
+                         use_cuda_graphs=settings.cuda_graphs)
+    log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f full %d-token sequences)", runner.num_blocks,
+             runner.block_size, runner.capacity_tokens, runner.capacity_tokens / loaded.context_length,
+             loaded.context_length)
+    engine = LLMEngine(runner, loaded.tokenizer, max_num_seqs=settings.max_num_seqs,
+                       max_batched_tokens=settings.max_batched_tokens,
+                       enable_prefix_caching=settings.enable_prefix_caching)
+    return loaded, engine
+
+
+def warm_up(engine: LLMEngine) -> None:
+    from chatserve.protocol.sampling import SamplingParams
+
+    engine.add_request("warmup", [1, 2, 3, 4], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+
+
+def build_app(settings: WorkerSettings) -> FastAPI:
+    address = settings.worker_address or f"http://{settings.host}:{settings.port}"
+    state = WorkerState(settings, f"{socket.gethostname()}:{settings.port}:{os.getpid()}", address)
+
+    async def startup() -> None:
+        try:
+            loaded, engine = await asyncio.to_thread(build_engine, settings)
+            await asyncio.to_thread(warm_up, engine)
+        except (ModelLoadError, ValueError, OSError) as exc:
+            state.status, state.error = "failed", str(exc)
+            log.error("model load failed: %s", exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - report it on /health instead of dying silently
+            state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
+            log.exception("worker start-up failed")
+            return
+        state.loaded, state.renderer = loaded, PromptRenderer(loaded.tokenizer, loaded.name, settings.chat_template)
+        state.engine = AsyncEngine(engine)
+        state.engine.start()
+        state.status = "ready"
+        log.info("worker ready: model %s at %s", loaded.name, address)
+        await heartbeat_loop()
+
+    async def heartbeat_loop() -> None:
+        assert state.loaded is not None
+        reg = WorkerRegistration(worker_id=state.worker_id, address=address, models=[state.loaded.name],
+                                 context_length=state.loaded.context_length)
+        headers = secret_headers(settings.internal_secret)
+        last_sent, last_queue = 0.0, -1
+        async with httpx.AsyncClient(base_url=settings.controller_url, timeout=5.0, headers=headers) as client:
+            while True:
+                try:
+                    if not state.registered:
+                        reg.load = state.load_report()
+                        (await client.post("/register", json=reg.model_dump())).raise_for_status()
+                        state.registered = True
+                        log.info("registered with controller %s", settings.controller_url)
+                        last_sent = time.monotonic()
+                    load = state.load_report()
+                    due = time.monotonic() - last_sent >= settings.heartbeat_interval
+                    if due or load.queue_length != last_queue:  # live queue lengths, not only at heartbeats
+                        resp = await client.post("/heartbeat", json=Heartbeat(worker_id=state.worker_id,
+                                                                               load=load).model_dump())
+                        resp.raise_for_status()
+                        last_sent, last_queue = time.monotonic(), load.queue_length
+                        if not HeartbeatAck(**resp.json()).known:
+                            log.warning("controller does not know this worker (restarted?): registering again")
+                            state.registered = False
+                            continue
+                except (httpx.HTTPError, ValueError) as exc:
+                    if state.registered:
+                        log.warning("controller unreachable (%s): will keep trying", type(exc).__name__)
+                    else:
+                        log.info("waiting for controller at %s (%s)", settings.controller_url, type(exc).__name__)
+                    last_queue = -1
+                    await asyncio.sleep(min(1.0, settings.heartbeat_interval))
+                    continue
+                await asyncio.sleep(min(0.25, settings.heartbeat_interval))
+
+    async def deregister() -> None:
+        if not state.registered:
+            return
+        try:
+            async with httpx.AsyncClient(timeout=2.0, headers=secret_headers(settings.internal_secret)) as client:
+                await client.post(f"{settings.controller_url}/deregister", json={"worker_id": state.worker_id})
+            log.info("deregistered from controller")
+        except httpx.HTTPError:
+            log.warning("could not deregister (controller unreachable)")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(startup())
+        yield
+        task.cancel()
+        await deregister()
+        if state.engine is not None:
+            state.engine.stop()
+
+    app = FastAPI(title="chatserve worker", lifespan=lifespan)
+    app.state.worker = state
+    install_error_handlers(app)
+
+    def internal(request: Request) -> None:
+        check_secret(request, settings.internal_secret)
+
+    @app.get("/health")
+    async def health() -> Any:
+        body = {"status": state.status, "worker_id": state.worker_id,
+                "model": state.loaded.name if state.loaded else None, "registered": state.registered}
+        if state.status == "failed":
+            body["error"] = state.error
+        if state.status != "ready" or (state.engine and state.engine.dead):
+            from fastapi.responses import JSONResponse
+
+            return JSONResponse(body, status_code=503)
+        return body
+
+    @app.get("/status", dependencies=[Depends(internal)])
+    async def status() -> dict[str, Any]:
+        return {"worker_id": state.worker_id, "status": state.status,
+                "model": state.loaded.name if state.loaded else None,
+                "context_length": state.loaded.context_length if state.loaded else None,
+                "chat_template": state.renderer.template_name if state.renderer else None,
+                "load": state.load_report().model_dump()}
+
+    @app.post("/tokenize", dependencies=[Depends(internal)])
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        loaded, _, renderer = state.require_ready()
+        if req.messages is not None:
+            r = renderer.render([m.model_dump() for m in req.messages], None, req.add_generation_prompt)
+            ids, text = r.token_ids, r.text
+        else:
+            text = req.prompt or ""
+            ids = renderer.encode_prompt(text)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=loaded.context_length, prompt=text)
+
+    @app.post("/detokenize", dependencies=[Depends(internal)])
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        loaded, _, _ = state.require_ready()
+        check_token_ids(req.tokens, len(loaded.tokenizer), "tokens")
+        return DetokenizeResponse(prompt=loaded.tokenizer.decode(req.tokens))
+
+    @app.post("/generate", dependencies=[Depends(internal)])
+    async def generate(req: GenerateRequest) -> StreamingResponse:
+        loaded, engine, renderer = state.require_ready()
+        prompt_ids, prompt_text, params = prepare(req, loaded, renderer)
+        if engine.pending >= settings.max_queue_length:
+            raise OverloadedError(f"worker queue is full ({settings.max_queue_length} requests)")
+        first = GenerateChunk(kind="start", prompt_tokens=len(prompt_ids), prompt_text=prompt_text if req.echo else None)
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield (first.model_dump_json(exclude_defaults=True) + "\n").encode()
+            try:
+                async with aclosing(engine.generate(req.request_id, prompt_ids, params, req.n)) as outputs:
+                    async for out in outputs:
+                        yield (to_chunk(out, loaded.tokenizer).model_dump_json(exclude_defaults=True) + "\n").encode()
+            except (EngineDeadError, ValueError) as exc:
+                err = GenerateChunk(kind="error", error={"message": str(exc), "type": "InternalServerError",
+                                                         "param": None, "code": 500})
+                yield (err.model_dump_json(exclude_defaults=True) + "\n").encode()
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    return app
+
+
+def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
+    bad = next((t for t in ids if t < 0 or t >= vocab), None)
+    if bad is not None:
+        raise BadRequestError(f"token id {bad} is out of the vocabulary (0..{vocab - 1})", param=param)
+
+
+def prepare(req: GenerateRequest, loaded: LoadedModel, renderer: PromptRenderer) -> tuple[list[int], str, Any]:
+    params = req.params.model_copy()
+    if req.messages is not None:
+        try:
+            r = renderer.render([m.model_dump() for m in req.messages], req.chat_template, req.add_generation_prompt)
+        except KeyError as exc:
+            raise BadRequestError(str(exc.args[0]), param="chat_template") from None
+        except Exception as exc:  # noqa: BLE001 - a template that rejects the message order (jinja raise)
+            raise BadRequestError(f"the chat template cannot render these messages: {exc}", param="messages") from None
+        ids, text = r.token_ids, r.text
+        params.stop = list(dict.fromkeys([*params.stop, *r.stop]))
+        params.stop_token_ids = list(dict.fromkeys([*params.stop_token_ids, *r.stop_token_ids]))
+        param_name = "messages"
+    elif req.prompt_token_ids is not None:
+        ids = list(req.prompt_token_ids)
+        check_token_ids(ids, len(loaded.tokenizer), "prompt")
+        text = loaded.tokenizer.decode(ids)
+        param_name = "prompt"
+    else:
+        text = req.prompt or ""
+        ids = renderer.encode_prompt(text)
+        param_name = "prompt"
+    if not ids:
+        raise BadRequestError("the prompt is empty", param=param_name)
+    ctx = loaded.context_length
+    if req.max_tokens_unset:
+        if len(ids) >= ctx:
+            raise ContextLengthError(
+                f"This model's maximum context length is {ctx} tokens. However, your messages resulted in "
+                f"{len(ids)} tokens. Please reduce the length of the messages.", param=param_name)
+        params.max_tokens = ctx - len(ids)
+    elif len(ids) + params.max_tokens > ctx:
+        raise ContextLengthError(
+            f"This model's maximum context length is {ctx} tokens. However, you requested "
+            f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the messages, {params.max_tokens} in the "
+            f"completion). Please reduce the length of the messages or completion.", param=param_name)
+    return ids, text, params
+
+
+def to_chunk(out: SeqOutput, tokenizer: Any) -> GenerateChunk:
+    logprobs = None
+    if out.logprobs is not None:
+        logprobs = [TokenLogprobInfo(token=tokenizer.decode([tid]), logprob=lp,
+                                     top=[(tokenizer.decode([t]), v) for t, v in top])
+                    for tid, lp, top in out.logprobs]
+    return GenerateChunk(kind="delta", index=out.index, text=out.text, token_ids=out.token_ids, logprobs=logprobs,
+                         finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,  # type: ignore[arg-type]
+                         completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = WorkerSettings.from_args(argv, prog="chatserve worker")
+    setup_logging(settings.log_level)
+    serve(build_app(settings), settings.host, settings.port, settings.log_level)
+

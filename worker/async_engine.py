@@ -1,0 +1,128 @@
+"""The bridge between asyncio handlers and the engine loop, which runs in one thread of its own.
+
+Handlers call `generate()` (an async iterator of `SeqOutput`); commands reach the engine thread through
+a queue and outputs come back through each request's asyncio queue (`call_soon_threadsafe`). Leaving the
+iterator early (client disconnect, cancellation) aborts the request in the engine, which frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from chatserve.protocol.sampling import SamplingParams
+from worker.engine.engine import LLMEngine, SeqOutput
+
+log = logging.getLogger("chatserve.worker.engine")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Any]
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._cmds: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.load: dict[str, float | int] = engine.load()
+        self.pending = 0  # requests accepted by handlers but not yet finished
+        self.dead: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    # --- handler side -------------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       n: int = 1) -> AsyncIterator[SeqOutput]:
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            self._streams[request_id] = stream
+        self.pending += 1
+        self._cmds.put(("add", (request_id, prompt_ids, params, n)))
+        self._wake.set()
+        finished = 0
+        try:
+            while finished < n:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    finished += 1
+                yield item
+        finally:
+            self.pending -= 1
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if finished < n:
+                self._cmds.put(("abort", request_id))
+                self._wake.set()
+
+    # --- engine thread ------------------------------------------------------------------------------
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd, arg = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd == "add":
+                request_id, prompt_ids, params, n = arg
+                try:
+                    self.engine.add_request(request_id, prompt_ids, params, n)
+                except ValueError as exc:
+                    self._deliver(request_id, exc)
+            elif cmd == "abort":
+                self.engine.abort(arg)
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self.load = self.engine.load()
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - fail every stream, keep nothing half-done
+                log.exception("engine step failed")
+                self.dead = f"engine failure: {type(exc).__name__}"
+                with self._lock:
+                    ids = list(self._streams)
+                for rid in ids:
+                    self.engine.abort(rid)
+                    self._deliver(rid, EngineDeadError(self.dead))
+                return
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            self.load = self.engine.load()
