@@ -35,7 +35,7 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
 def _mask_eos(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> None:
     for i, seq in enumerate(seqs):
-        if seq.num_output_tokens < seq.params.min_tokens or seq.params.ignore_eos:
+        if seq.num_output_tokens < seq.params.min_tokens:  # ignore_eos keeps EOS samplable, as vLLM does
             for eos in (*eos_ids, *seq.params.stop_token_ids):
                 if eos < logits.shape[1]:
                     logits[i, eos] = float("-inf")

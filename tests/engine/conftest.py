@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig as HFLlamaConfig
+from transformers import LlamaForCausalLM
+
+from chatserve.protocol.sampling import SamplingParams
+from worker.engine.engine import LLMEngine
+from worker.engine.model import LlamaConfig, LlamaModel
+from worker.engine.model_runner import CacheConfig, ModelRunner
+
+
+class IdTokenizer:
+    """Decodes ids as space-separated numbers (enough for the engine's detokenizer)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f" {i}" for i in ids)
+
+
+def tiny_hf(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0,
+              tie_word_embeddings=False)
+    cfg = HFLlamaConfig(**{**kw, **overrides})
+    model = LlamaForCausalLM(cfg).float().eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def engine_for(hf: LlamaForCausalLM, num_blocks: int = 0, block_size: int = 4, budget: int = 64,
+               max_num_seqs: int = 16, prefix_caching: bool = True) -> LLMEngine:
+    cfg = LlamaConfig.from_hf(hf.config)
+    model = LlamaModel(cfg).float()
+    model.load_hf_state_dict(hf.state_dict())
+    runner = ModelRunner(model, CacheConfig(block_size=block_size, num_blocks=num_blocks, cpu_cache_tokens=4096),
+                         max_num_seqs, 512)
+    return LLMEngine(runner, IdTokenizer(), max_num_seqs=max_num_seqs, max_batched_tokens=budget,
+                     enable_prefix_caching=prefix_caching)
+
+
+def hf_greedy(hf: LlamaForCausalLM, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def run(engine: LLMEngine, arrivals: dict[int, list[tuple[str, list[int], int]]] | None = None) -> dict[str, list[int]]:
+    """Step the engine to completion; arrivals[step] = requests added before that step."""
+    arrivals = arrivals or {}
+    outs: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_unfinished() or any(s >= step for s in arrivals):
+        for rid, prompt, n in arrivals.get(step, []):
+            engine.add_request(rid, prompt, greedy(n))
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).extend(o.token_ids)
+        step += 1
+        assert step < 10_000
+    return outs
+
+
+@pytest.fixture(scope="module")
+def hf_model() -> LlamaForCausalLM:
+    return tiny_hf()
