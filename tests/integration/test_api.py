@@ -1,0 +1,126 @@
+"""The platform through the real openai SDK: real controller, worker and gateway processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(platform) -> openai.OpenAI:
+    return openai.OpenAI(base_url=platform.api_url, api_key="unused", max_retries=0)
+
+
+def ask(client, model, messages, **kw):
+    kw.setdefault("max_tokens", 48)
+    return client.chat.completions.create(model=model, messages=messages, temperature=0, **kw)
+
+
+def test_models_lists_the_embedded_model(client, platform):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [platform.model]
+    assert client.models.retrieve(platform.model).id == platform.model
+
+
+def test_capital_of_france_is_paris(client, platform):
+    r = ask(client, platform.model, [{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
+    assert r.id.startswith("chatcmpl-") and r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_three_turn_streamed_conversation_carries_its_history(client, platform):
+    history = [{"role": "user", "content": "My name is Tom."}]
+    prompt_tokens, cached = [], []
+    for question in ("What is the capital of France?", "Please repeat my name."):
+        stream = client.chat.completions.create(model=platform.model, messages=history, temperature=0,
+                                                max_tokens=40, stream=True, stream_options={"include_usage": True})
+        parts, usage = [], None
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+            if chunk.usage:
+                usage = chunk.usage
+        assert usage is not None
+        prompt_tokens.append(usage.prompt_tokens)
+        cached.append(usage.prompt_tokens_details.cached_tokens)
+        history += [{"role": "assistant", "content": "".join(parts)}, {"role": "user", "content": question}]
+    final = ask(client, platform.model, history)
+    prompt_tokens.append(final.usage.prompt_tokens)
+    assert prompt_tokens[0] < prompt_tokens[1] < prompt_tokens[2]
+    # the earlier turns are served from the prefix cache
+    assert final.usage.prompt_tokens_details.cached_tokens >= prompt_tokens[1] - 16
+    # the worker's rendered prompt holds the name from turn 1
+    rendered = httpx.post(f"{platform.gateway.url}/tokenize", json={"model": platform.model, "messages": history}).json()
+    assert "My name is Tom." in rendered["prompt"] and rendered["count"] == prompt_tokens[2]
+
+
+def test_recall_probe_checked_against_transformers(client, platform):
+    """Checked with transformers' own generate (greedy, fp32): this history makes the model say 'Tom'."""
+    history = [{"role": "user", "content": "My name is Tom."}, {"role": "assistant", "content": "Nice to meet you, Tom!"},
+               {"role": "user", "content": "What is the capital of France?"}]
+    a2 = ask(client, platform.model, history).choices[0].message.content
+    history += [{"role": "assistant", "content": a2}, {"role": "user", "content": "Please repeat my name."}]
+    a3 = ask(client, platform.model, history, max_tokens=20).choices[0].message.content
+    assert "Tom" in a3
+
+
+def test_stream_equals_non_stream_at_temperature_zero(client, platform):
+    msgs = [{"role": "user", "content": "Write one sentence about the sea."}]
+    full = ask(client, platform.model, msgs).choices[0].message.content
+    parts = [c.choices[0].delta.content or "" for c in ask(client, platform.model, msgs, stream=True) if c.choices]
+    assert "".join(parts) == full and full
+
+
+def test_concurrent_requests_do_not_corrupt_each_other(client, platform):
+    prompts = ["Name a colour.", "Count to five.", "What is 2+2?", "Say hello in French.", "Name a planet.",
+               "What is the capital of France?"]
+    solo = {p: ask(client, platform.model, [{"role": "user", "content": p}]).choices[0].message.content for p in prompts}
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        together = dict(zip(prompts, pool.map(
+            lambda p: ask(client, platform.model, [{"role": "user", "content": p}]).choices[0].message.content, prompts)))
+    assert together == solo
+
+
+def test_completions_endpoint(client, platform):
+    r = client.completions.create(model=platform.model, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert r.id.startswith("cmpl-") and r.choices[0].text and r.usage.prompt_tokens > 0
+    chunks = list(client.completions.create(model=platform.model, prompt="The capital of France is", max_tokens=6,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        ask(client, "no-such-model", [{"role": "user", "content": "hi"}])
+    assert e.value.body["param"] == "model"
+
+
+def test_malformed_json_is_400_in_openai_envelope(platform):
+    r = httpx.post(f"{platform.api_url}/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 100}, "n"),
+])
+def test_invalid_fields_are_400_naming_the_field(platform, body, param):
+    r = httpx.post(f"{platform.api_url}/chat/completions", json={"model": platform.model, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_context_overflow_is_400_with_the_limit(client, platform):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, platform.model, [{"role": "user", "content": "hello " * 1500}], max_tokens=1000)
+    assert "maximum context length is 2048 tokens" in e.value.body["message"]
