@@ -33,17 +33,20 @@ def tiny_hf(seed: int = 0, **overrides) -> LlamaForCausalLM:
 def engine_for(hf: LlamaForCausalLM, num_blocks: int = 0, block_size: int = 4, budget: int = 64,
                max_num_seqs: int = 16, prefix_caching: bool = True) -> LLMEngine:
     cfg = LlamaConfig.from_hf(hf.config)
-    model = LlamaModel(cfg).float()
+    p = next(hf.parameters())
+    with torch.device(p.device):
+        model = LlamaModel(cfg).to(p.dtype)
     model.load_hf_state_dict(hf.state_dict())
-    runner = ModelRunner(model, CacheConfig(block_size=block_size, num_blocks=num_blocks, cpu_cache_tokens=4096),
-                         max_num_seqs, 512)
+    runner = ModelRunner(model, CacheConfig(block_size=block_size, num_blocks=num_blocks or 1024),
+                         max_num_seqs, hf.config.max_position_embeddings)
     return LLMEngine(runner, IdTokenizer(), max_num_seqs=max_num_seqs, max_batched_tokens=budget,
                      enable_prefix_caching=prefix_caching)
 
 
 def hf_greedy(hf: LlamaForCausalLM, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        ids = torch.tensor([prompt], device=next(hf.parameters()).device)
+        out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[0, len(prompt):].tolist()
 
 

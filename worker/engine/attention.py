@@ -54,7 +54,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causa
     if kvh != h:
         k = k.repeat_interleave(h // kvh, dim=1)
         v = v.repeat_interleave(h // kvh, dim=1)
-    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    # 4-D [1, H, L, D]: the flash / memory-efficient kernels take only 4-D inputs (3-D falls back to math)
+    qt, kt, vt = q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
     lq, lk = q.shape[0], k.shape[0]
     if causal_offset is None or lq == 1:
         out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
@@ -64,13 +65,15 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causa
         qpos = torch.arange(lq, device=q.device).unsqueeze(1) + causal_offset
         mask = torch.arange(lk, device=q.device).unsqueeze(0) <= qpos
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
+    return out.squeeze(0).transpose(0, 1)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D] for the T new tokens. Returns [T, H, D]."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, written: bool = False) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] for the T new tokens. Returns [T, H, D].
+    `written`: K/V are already in the cache (the fused rope kernel wrote them)."""
+    if not written:
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:

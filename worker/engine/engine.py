@@ -73,6 +73,7 @@ class LLMEngine:
         self.tracked: dict[int, _Tracked] = {}
         self.by_request: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
+        self.last_step_decode_only = False
 
     # --- requests -----------------------------------------------------------------------------------
 
@@ -111,6 +112,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.items:
             return []
+        self.last_step_decode_only = batch.is_decode_only
         logits, seqs = self.runner.execute(batch)
         results = sample(logits, seqs, self.eos_ids) if seqs else []
         self.scheduler.update(batch, {s.seq_id: r.token_id for s, r in zip(seqs, results)})

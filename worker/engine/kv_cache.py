@@ -86,11 +86,11 @@ class BlockManager:
             prev = h
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
         hits = self._cached_prefix(seq)
         free_hits = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         need = self.blocks_needed(seq.num_tokens) - len(hits)
-        return need + free_hits <= self.num_free
+        return need + free_hits + reserve <= self.num_free
 
     def allocate(self, seq: Sequence) -> None:
         """Give seq blocks for all its current tokens, reusing cached prefix blocks."""
@@ -102,6 +102,8 @@ class BlockManager:
                 del self.free[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
+        seq.num_hashed_blocks = len(hits)
+        seq.last_hash = self.blocks[hits[-1]].hash if hits else None
         for _ in range(self.blocks_needed(seq.num_tokens) - len(hits)):
             seq.block_table.append(self._take_free().block_id)
         seq.num_computed_tokens = len(hits) * self.block_size
@@ -124,8 +126,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        prev: int | None = None
-        for i in range(seq.num_computed_tokens // bs):
+        prev = seq.last_hash
+        for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):  # only newly filled blocks
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
@@ -133,6 +135,7 @@ class BlockManager:
                 block.hash, block.token_ids = h, tokens
                 self.by_hash.setdefault(h, block.block_id)
             prev = block.hash
+            seq.num_hashed_blocks, seq.last_hash = i + 1, prev
 
     def free_seq(self, seq: Sequence) -> None:
         """Release seq's blocks; cached ones stay findable until reused (LRU: freed last, reused last)."""

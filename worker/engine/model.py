@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.engine import triton_kernels
 from worker.engine.attention import AttentionMetadata, paged_attention
 
 
@@ -85,6 +86,17 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv.float()
 
 
+@dataclass(slots=True)
+class Rope:
+    """Rotary-embedding inputs of one step: positions [T]; cos/sin [T, 1, head_dim] on the torch path."""
+
+    positions: torch.Tensor
+    inv_freq: torch.Tensor
+    fused: bool = False  # CUDA: the Triton kernel applies it and writes K/V to the cache in one launch
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -92,6 +104,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # one fused kernel (fp32 inside) instead of six
+            return nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -114,14 +128,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
         self.scale = self.d**-0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, rope: Rope, kv: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
-        q = apply_rope(q.view(t, self.h, self.d), cos, sin)
-        k = apply_rope(k.view(t, self.kvh, self.d), cos, sin)
-        o = paged_attention(q, k, v.view(t, self.kvh, self.d), kv[0], kv[1], meta, self.scale)
+        qkv = self.qkv_proj(x)  # [T, (H + 2*KVH) * D]
+        sizes = [self.h * self.d, self.kvh * self.d, self.kvh * self.d]
+        if rope.fused:
+            triton_kernels.rope_and_cache(qkv, rope.positions, rope.inv_freq, kv[0], kv[1], meta.slot_mapping,
+                                          self.h, self.kvh, self.d)
+            q, k, v = qkv.split(sizes, dim=-1)
+            o = paged_attention(q.view(t, self.h, self.d), k.view(t, self.kvh, self.d), v.view(t, self.kvh, self.d),
+                                kv[0], kv[1], meta, self.scale, written=True)
+        else:
+            q, k, v = qkv.split(sizes, dim=-1)
+            q = apply_rope(q.view(t, self.h, self.d), rope.cos, rope.sin)
+            k = apply_rope(k.view(t, self.kvh, self.d), rope.cos, rope.sin)
+            o = paged_attention(q, k, v.view(t, self.kvh, self.d), kv[0], kv[1], meta, self.scale)
         return self.o_proj(o.reshape(t, self.h * self.d))
 
 
@@ -145,8 +167,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv, meta):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, meta)
+    def forward(self, x, rope, kv, meta):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -162,18 +184,20 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor) -> Rope:
+        if positions.is_cuda and triton_kernels.available():
+            return Rope(positions, self.inv_freq, fused=True)
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, head_dim]
-        return emb.cos(), emb.sin()
+        return Rope(positions, self.inv_freq, cos=emb.cos(), sin=emb.sin())
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final-normed hidden states [T, dim]."""
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope(positions)
+        rope = self.rope(positions)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv, meta)
+            x = layer(x, rope, kv, meta)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

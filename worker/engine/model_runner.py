@@ -32,7 +32,11 @@ class CacheConfig:
 class ModelRunner:
     def __init__(self, model: LlamaModel, cache: CacheConfig, max_num_seqs: int, max_model_len: int,
                  use_cuda_graphs: bool = True):
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)
+        if next(model.parameters()).is_cuda:
+            # cuDNN's SDPA builds a graph per new shape (~1.4 ms of CPU each): with variable-length prefills
+            # every call is a new shape, so use FlashAttention-2 / memory-efficient kernels instead.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.cfg: LlamaConfig = model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -48,6 +52,9 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(self.cfg.num_layers)]
         self.dummy_slot = self.num_blocks * self.block_size
+        if self.device.type == "cuda":
+            log.info("KV cache allocated: %d blocks; GPU memory allocated now %.1f GiB", self.num_blocks,
+                     torch.cuda.memory_allocated(self.device) / 2**30)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
         if use_cuda_graphs and self.device.type == "cuda":
@@ -60,10 +67,20 @@ class ModelRunner:
     def _blocks_from_memory(self, cache: CacheConfig) -> int:
         per_block = self.cfg.kv_bytes_per_token(self.dtype) * self.block_size
         if self.device.type == "cuda":
+            import gc
+
+            gc.collect()
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - cache.gpu_memory_utilization) * total
-            budget -= 2 * 1024**3  # activations, graphs and sampler workspace
+            used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+            # vLLM-style: this process may use `utilization` of the card, minus what it holds already
+            # (weights), minus a reserve for activations, CUDA graphs and sampler workspace.
+            reserve = 3 * 1024**3
+            budget = cache.gpu_memory_utilization * total - torch.cuda.memory_allocated(self.device) \
+                - max(0, used_by_others) - reserve
+            log.info("GPU memory: total %.1f GiB, free %.1f GiB, allocated %.1f GiB, KV budget %.1f GiB",
+                     total / 2**30, free / 2**30, torch.cuda.memory_allocated(self.device) / 2**30, budget / 2**30)
             return max(16, int(budget // per_block))
         return max(16, cache.cpu_cache_tokens // self.block_size)
 
@@ -90,15 +107,15 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)
         dev = self.device
         if decode:
-            tables = torch.zeros((len(decode), self.max_blocks_per_seq), dtype=torch.int32)
-            for i, it in enumerate(decode):
-                tables[i, : len(it.seq.block_table)] = torch.tensor(it.seq.block_table, dtype=torch.int32)
+            width = max(len(it.seq.block_table) for it in decode)  # rows padded to the longest table
+            tables = torch.tensor([it.seq.block_table + [0] * (width - len(it.seq.block_table)) for it in decode],
+                                  dtype=torch.int32)
             lens = torch.tensor([it.seq.num_computed_tokens + 1 for it in decode], dtype=torch.int32)
-            dec_tables, dec_lens = tables.to(dev, non_blocking=True), lens.to(dev, non_blocking=True)
+            dec_tables, dec_lens = self._to_device(tables), self._to_device(lens)
         else:
             dec_tables = dec_lens = None
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            slot_mapping=self._to_device(torch.tensor(slots, dtype=torch.long)),
             num_decode=len(decode),
             decode_block_tables=dec_tables,
             decode_context_lens=dec_lens,
@@ -108,32 +125,40 @@ class ModelRunner:
                                   for it in prefill],
             block_size=bs,
         )
-        return (torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-                torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True), meta, sample_rows)
+        return (self._to_device(torch.tensor(ids, dtype=torch.long)),
+                self._to_device(torch.tensor(pos, dtype=torch.long)), meta, sample_rows)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     # --- execution ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step. Returns logits [N, vocab] (float32) and the N sequences that sample."""
-        ids, pos, meta, rows = self._prepare(batch)
         seqs = [it.seq for it in batch.items if it.samples]
-        if meta.num_decode == len(ids) and self.graph_sizes and len(ids) <= self.graph_sizes[-1]:
-            return self._replay(ids, pos, meta), seqs
+        if self.graph_sizes and batch.is_decode_only and len(batch.items) <= self.graph_sizes[-1] \
+                and all(it.seq.num_computed_tokens > 0 for it in batch.items):
+            return self._replay_decode(batch), seqs
+        ids, pos, meta, rows = self._prepare(batch)
         hidden = self.model.hidden(ids, pos, self.kv_caches, meta)
         if not rows:
             return torch.empty((0, self.cfg.vocab_size), device=self.device), seqs
         return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), seqs
 
+    @torch.inference_mode()
     def _capture_graphs(self, max_num_seqs: int) -> None:
         sizes = [s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
                  if s <= max(1, max_num_seqs)]
         n, dev = sizes[-1], self.device
-        self.g_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(n, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((n,), self.dummy_slot, dtype=torch.long, device=dev)
+        # static inputs: rows ids, positions, slots, context lengths (one copy per step fills all four)
+        self.g_packed = torch.zeros((4, n), dtype=torch.long, device=dev)
+        self.g_packed[2].fill_(self.dummy_slot)
+        self.g_packed[3].fill_(1)
+        self.g_ids, self.g_pos, self.g_slots, self.g_lens = self.g_packed.unbind(0)
         self.g_tables = torch.zeros((n, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
-        self.g_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.g_logits: dict[int, torch.Tensor] = {}
         pool = None
         for size in reversed(sizes):
@@ -150,16 +175,26 @@ class ModelRunner:
         self.graph_sizes = sizes
         log.info("captured CUDA graphs for decode batch sizes %s", sizes)
 
-    def _replay(self, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        b = ids.shape[0]
+    def _replay_decode(self, batch: Batch) -> torch.Tensor:
+        """Decode-only step: two host-to-device copies into the static buffers, then one graph replay."""
+        b = len(batch.items)
         size = self.graph_sizes[bisect.bisect_left(self.graph_sizes, b)]
-        self.g_ids[:b] = ids
-        self.g_pos[:b] = pos
-        self.g_slots[:b] = meta.slot_mapping
-        self.g_slots[b:size] = self.dummy_slot
-        self.g_lens[:b] = meta.decode_context_lens
-        self.g_lens[b:size] = 1
-        assert meta.decode_block_tables is not None
-        self.g_tables[:b] = meta.decode_block_tables
+        bs = self.block_size
+        ids, pos, slots, lens = [], [], [], []
+        for it in batch.items:
+            seq = it.seq
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+        pad = size - b  # padded rows write to the dummy slot and read one cached token
+        packed = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [self.dummy_slot] * pad,
+                               lens + [1] * pad], dtype=torch.long)
+        width = max(len(it.seq.block_table) for it in batch.items)
+        tables = torch.tensor([it.seq.block_table + [0] * (width - len(it.seq.block_table)) for it in batch.items],
+                              dtype=torch.int32)
+        self.g_packed[:, :size].copy_(packed.pin_memory(), non_blocking=True)
+        self.g_tables[:b, :width].copy_(tables.pin_memory(), non_blocking=True)  # past width: never read
         self.graphs[size].replay()
         return self.g_logits[size][:b]

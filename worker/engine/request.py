@@ -38,6 +38,8 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     cached_counted: bool = False
+    num_hashed_blocks: int = 0  # leading blocks of block_table whose hashes are registered
+    last_hash: int | None = None
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     arrival: float = 0.0

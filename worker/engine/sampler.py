@@ -63,9 +63,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
     _mask_eos(logits, seqs, eos_ids)
 
     vocab = logits.shape[1]
-    greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
     tokens = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
+    if not all(s.params.greedy for s in seqs):
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
         temps = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs], device=logits.device)
         scaled = logits / temps.unsqueeze(1)
         top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device=logits.device)

@@ -69,7 +69,7 @@ class Scheduler:
         budget = self.max_batched_tokens
         # 1. decode: one token per running sequence that has computed all but its last token
         for seq in list(self.running):
-            if seq not in self.running or seq.num_uncomputed != 1:
+            if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed != 1:
                 continue
             while not self.blocks.can_append(seq) and self.running:
                 victim = self.running[-1]
@@ -94,7 +94,9 @@ class Scheduler:
         # 3. admit waiting sequences while blocks and budget last
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
+            # keep a watermark of free blocks for running sequences to grow into (fewer preemptions)
+            watermark = self.blocks.num_blocks // 100 if self.running else 0
+            if not self.blocks.can_allocate(seq, reserve=watermark):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq)

@@ -1,0 +1,97 @@
+"""GPU diagnostics for the engine (LLaMA-7B shape, random weights): the paged-decode kernel's bandwidth
+over tile/warp configurations, and the top CUDA kernels of one mixed (prefill) step and one decode step.
+
+    python benchmarks/profile_step.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.engine_offline import NumberTokenizer, workload  # noqa: E402
+from chatserve.protocol.sampling import SamplingParams  # noqa: E402
+from worker.engine import triton_kernels  # noqa: E402
+from worker.engine.engine import LLMEngine  # noqa: E402
+from worker.engine.model import LlamaConfig  # noqa: E402
+from worker.engine.model_runner import CacheConfig, ModelRunner  # noqa: E402
+from worker.loader import random_model  # noqa: E402
+
+
+def bench(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1000
+
+
+def decode_kernel_sweep() -> list[dict]:
+    b, ctx, h, d, bs = 128, 800, 32, 128, 16
+    nblocks = b * ctx // bs + 8
+    k = torch.randn(nblocks * bs, h, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    perm = torch.randperm(nblocks - 8, device="cuda").int()
+    tables = perm[: b * (ctx // bs)].view(b, ctx // bs).contiguous()
+    lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+    bytes_read = 2 * b * ctx * h * d * 2
+    rows = []
+    for tile in (16, 32, 64, 128):
+        for warps in (2, 4, 8):
+            for stages in (1, 2, 3):
+                cfg = {"tile": tile, "num_warps": warps, "num_stages": stages}
+                try:
+                    t = bench(lambda: triton_kernels.paged_decode(out, q, k, v, tables, lens, bs, 0.088, cfg))
+                except Exception as exc:  # noqa: BLE001
+                    rows.append({**cfg, "error": str(exc)[:80]})
+                    continue
+                rows.append({**cfg, "ms": round(t * 1000, 3), "GB_s": round(bytes_read / t / 1e9)})
+    return sorted([r for r in rows if "ms" in r], key=lambda r: r["ms"])[:6]
+
+
+def profile_steps() -> dict:
+    shape = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                 num_kv_heads=32, head_dim=128, max_position_embeddings=2048)
+    cfg = LlamaConfig(**shape)
+    model = random_model(cfg, device="cuda", dtype=torch.bfloat16)
+    runner = ModelRunner(model, CacheConfig(block_size=16), 256, 2048)
+    engine = LLMEngine(runner, NumberTokenizer(), max_num_seqs=256, max_batched_tokens=8192)
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    for i, p in enumerate(workload(160, 64, 1024, 32000)):
+        engine.add_request(f"r{i}", p, params)
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for label in ("mixed", "mixed2", "decode"):
+        while label == "decode" and not engine.last_step_decode_only:
+            engine.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            import time
+
+            t0 = time.perf_counter()
+            engine.step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50)
+        out[label] = {"wall_ms": round(wall * 1000, 1), "decode_only": engine.last_step_decode_only,
+                      "running": len(engine.scheduler.running)}
+        print(f"=== {label} step: {out[label]}\n{table}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps({"decode_kernel_best": decode_kernel_sweep()}, indent=1), flush=True)
+    print(json.dumps(profile_steps()), flush=True)
