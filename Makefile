@@ -28,7 +28,7 @@ test-deps: setup
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
 
 test: test-deps
-	$(BIN)/python -m pytest -q -ra
+	PYTHONUNBUFFERED=1 $(BIN)/python -m pytest -q -ra -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV)

@@ -32,7 +32,9 @@ def platform() -> Iterator[Platform]:
     c = procs.controller().start()
     _started.append(c)
     c.wait()
-    w = procs.worker(c.url).start()
+    # float32: the exactness oracle (batch-invariant results, probes checked against transformers in fp32);
+    # the bf16 default is checked in tests/engine/test_embedded_model.py
+    w = procs.worker(c.url, "--dtype", "float32").start()
     _started.append(w)
     g = procs.gateway(c.url).start()
     _started.append(g)

@@ -41,9 +41,9 @@ def build_demo(settings: WebUISettings) -> gr.Blocks:
         with gr.Row():
             regenerate = gr.Button("Regenerate", elem_id="regenerate")
             clear = gr.Button("New chat", elem_id="clear")
-        with gr.Accordion("Parameters", open=False):
+        with gr.Accordion("Parameters", open=False, elem_id="params"):
             system = gr.Textbox(label="System prompt", lines=2, elem_id="system")
-            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
+            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="temperature")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
             max_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max new tokens")
 

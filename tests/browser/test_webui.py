@@ -42,7 +42,25 @@ def page(ui):
 
 
 def bot_messages(page):
-    return page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']")
+    return page.locator("#chatbot [data-testid='bot']")
+
+
+def wait_reply_done(page, timeout_s: float = 60) -> str:
+    """Wait until the last bot message stops changing (the stream has ended)."""
+    last, stable = None, 0
+    for _ in range(int(timeout_s / 0.5)):
+        text = bot_messages(page).last.inner_text() if bot_messages(page).count() else ""
+        stable = stable + 1 if text and text == last else 0
+        if stable >= 4:
+            return text
+        last = text
+        page.wait_for_timeout(500)
+    raise AssertionError(f"reply did not finish: {last!r}")
+
+
+def send(page, text: str) -> None:
+    page.locator("#input textarea").fill(text)
+    page.locator("#input textarea").press("Enter")
 
 
 def test_send_a_message_and_see_the_streamed_reply(page, platform):
@@ -51,24 +69,24 @@ def test_send_a_message_and_see_the_streamed_reply(page, platform):
         "() => document.querySelector('#model input') && document.querySelector('#model input').value !== ''",
         timeout=30_000)
     assert platform.model in page.locator("#model input").input_value()
-    page.locator("#system textarea").fill("") if page.locator("#system textarea").is_visible() else None
-    page.locator("#input textarea").fill("What is the capital of France?")
-    page.locator("#input textarea").press("Enter")
-    page.wait_for_function(
-        "() => { const b = document.querySelectorAll('#chatbot [data-testid=\"bot\"]');"
-        " return b.length > 0 && b[b.length-1].innerText.includes('Paris'); }", timeout=60_000)
-    text = bot_messages(page).last.inner_text()
+    page.locator("#params").get_by_text("Parameters").click()  # greedy decoding: a deterministic answer
+    temperature = page.locator("#temperature input[type=number]")
+    temperature.fill("0")
+    temperature.press("Enter")
+    send(page, "What is the capital of France?")
+    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length > 0",
+                           timeout=60_000)
+    text = wait_reply_done(page)
     assert "Paris" in text
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "chat.png"))
 
 
 def test_second_turn_is_part_of_the_same_chat(page):
-    page.locator("#input textarea").fill("And of Germany?")
-    page.locator("#input textarea").press("Enter")
+    send(page, "And of Germany?")
     page.wait_for_function(
         "() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length >= 2 &&"
         " document.querySelectorAll('#chatbot [data-testid=\"user\"]').length >= 2", timeout=60_000)
-    page.wait_for_timeout(500)
+    assert wait_reply_done(page)
     users = page.locator("#chatbot [data-testid='user']").all_inner_texts()
     assert any("France" in u for u in users) and any("Germany" in u for u in users)

@@ -47,3 +47,14 @@ def test_embedded_model_batch_matches_transformers_and_answers_paris(embedded):
             ref = hf.generate(torch.tensor([x]), max_new_tokens=20, do_sample=False)[0, len(x):].tolist()
         assert outs[str(i)] == ref[: len(outs[str(i)])] and len(outs[str(i)]) == len(ref), i
     assert "Paris" in tok.decode(outs["0"])
+
+
+def test_bf16_default_answers_paris():
+    loaded = load_model(None, device="cpu", dtype=torch.bfloat16, context_length=2048)
+    engine = LLMEngine(ModelRunner(loaded.model, CacheConfig(cpu_cache_tokens=2048), 4, 2048), loaded.tokenizer)
+    engine.add_request("p", chat_ids(loaded.tokenizer, "What is the capital of France?"),
+                       SamplingParams(max_tokens=16, temperature=0))
+    text = []
+    while engine.has_unfinished():
+        text += [o.text for o in engine.step()]
+    assert "Paris" in "".join(text)

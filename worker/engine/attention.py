@@ -98,9 +98,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 def _decode_torch(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: AttentionMetadata, scale: float) -> None:
+    """All decode sequences in one SDPA call: gather their blocks into [B, max_len, KVH, D], mask the tail."""
     assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-    lens = meta.decode_context_lens.tolist()
-    for i, length in enumerate(lens):
-        kc = _gather(k_cache, meta.decode_block_tables[i].long(), length, meta.block_size)
-        vc = _gather(v_cache, meta.decode_block_tables[i].long(), length, meta.block_size)
-        out[i : i + 1] = _sdpa(q[i : i + 1], kc, vc, scale, None)
+    tables = meta.decode_block_tables.long()  # [B, W]
+    bsz, width = tables.shape
+    bs = meta.block_size
+    kvh, d = k_cache.shape[1], k_cache.shape[2]
+    kc = k_cache.view(-1, bs, kvh, d).index_select(0, tables.flatten()).view(bsz, width * bs, kvh, d)
+    vc = v_cache.view(-1, bs, kvh, d).index_select(0, tables.flatten()).view(bsz, width * bs, kvh, d)
+    h = q.shape[1]
+    if kvh != h:
+        kc = kc.repeat_interleave(h // kvh, dim=2)
+        vc = vc.repeat_interleave(h // kvh, dim=2)
+    valid = torch.arange(width * bs, device=q.device).unsqueeze(0) < meta.decode_context_lens.unsqueeze(1).long()
+    mask = valid[:, None, None, :]  # [B, 1, 1, L]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=mask,
+                                       scale=scale)  # q: [B, H, 1, D]
+    out.copy_(o.squeeze(2))

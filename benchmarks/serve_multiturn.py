@@ -1,0 +1,143 @@
+"""Multi-turn serving benchmark through the gateway over HTTP (streaming, history resent every turn).
+
+U concurrent users each hold a T-turn conversation; every turn asks for `--tokens` new tokens (EOS ignored,
+so every run generates the same amount). Prints JSON: per user count, aggregate output tok/s, and per turn
+TTFT and inter-token latency p50/p99. Starts its own controller, worker and gateway on free ports unless
+--api-url is given.
+
+    python benchmarks/serve_multiturn.py --users 1,8 --turns 3 --tokens 64
+    python benchmarks/serve_multiturn.py --users 4 --turns 5 --system-tokens 500   # prefix-cache check
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TOPICS = ["the sea", "mountains", "bread", "trains", "the moon", "music", "gardens", "rain", "cities", "birds",
+          "rivers", "winter", "coffee", "books", "bridges", "clocks"]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def system_prompt(tokens: int) -> str:
+    if tokens <= 0:
+        return ""
+    sentence = "You are a careful assistant who answers briefly and politely, citing facts when you can. "
+    return (sentence * (tokens // 17 + 1)).strip()
+
+
+async def user(client: httpx.AsyncClient, url: str, model: str, uid: int, turns: int, tokens: int, system: str,
+               results: list[dict]) -> None:
+    history = [{"role": "system", "content": system}] if system else []
+    for turn in range(turns):
+        topic = TOPICS[(uid * 3 + turn) % len(TOPICS)]
+        history.append({"role": "user", "content": f"Tell me something about {topic}. (user {uid}, turn {turn + 1})"})
+        body = {"model": model, "messages": history, "stream": True, "max_tokens": tokens, "temperature": 0,
+                "ignore_eos": True, "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        stamps: list[float] = []
+        parts: list[str] = []
+        usage = {}
+        async with client.stream("POST", url + "/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for ch in chunk.get("choices", []):
+                    if ch["delta"].get("content"):
+                        stamps.append(time.perf_counter())
+                        parts.append(ch["delta"]["content"])
+        history.append({"role": "assistant", "content": "".join(parts)})
+        results.append({"user": uid, "turn": turn + 1, "ttft": stamps[0] - t0 if stamps else float("nan"),
+                        "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+                        "completion_tokens": usage.get("completion_tokens", 0),
+                        "prompt_tokens": usage.get("prompt_tokens", 0),
+                        "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)})
+
+
+async def run_users(url: str, model: str, users: int, turns: int, tokens: int, system: str) -> dict:
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=users + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user(client, url, model, u, turns, tokens, system, results) for u in range(users)))
+        wall = time.perf_counter() - t0
+    out_tokens = sum(r["completion_tokens"] for r in results)
+    per_turn = {}
+    for t in range(1, turns + 1):
+        rs = [r for r in results if r["turn"] == t]
+        itl = [x for r in rs for x in r["itl"]]
+        per_turn[t] = {"ttft_p50_s": round(pct([r["ttft"] for r in rs], 0.5), 3),
+                       "ttft_p99_s": round(pct([r["ttft"] for r in rs], 0.99), 3),
+                       "itl_p50_ms": round(1000 * pct(itl, 0.5), 1), "itl_p99_ms": round(1000 * pct(itl, 0.99), 1),
+                       "prompt_tokens_mean": round(statistics.mean(r["prompt_tokens"] for r in rs)),
+                       "cached_tokens_mean": round(statistics.mean(r["cached_tokens"] for r in rs))}
+    return {"users": users, "turns": turns, "tokens_per_turn": tokens, "wall_s": round(wall, 2),
+            "output_tokens": out_tokens, "output_tok_s": round(out_tokens / wall, 1), "per_turn": per_turn}
+
+
+def start_stack(extra_worker_args: list[str]):
+    from tests import procs
+
+    c = procs.controller().start()
+    c.wait()
+    w = procs.worker(c.url, *extra_worker_args).start()
+    g = procs.gateway(c.url).start()
+    w.wait(ok=procs.worker_registered, timeout=600)
+    g.wait(ok=procs.gateway_has_models)
+    return [g, w, c], g.url + "/v1"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--api-url", default="")
+    ap.add_argument("--model", default="")
+    ap.add_argument("--users", default="1,8")
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--system-tokens", type=int, default=0)
+    ap.add_argument("--worker-args", default="", help="extra worker flags when the script starts the stack")
+    a = ap.parse_args()
+    services = []
+    url = a.api_url
+    if not url:
+        services, url = start_stack(a.worker_args.split())
+    try:
+        model = a.model or httpx.get(url + "/models").json()["data"][0]["id"]
+        system = system_prompt(a.system_tokens)
+        asyncio.run(run_users(url, model, 1, 1, 8, system))  # warm-up
+        report = {"model": model, "api_url": url, "system_prompt_tokens_approx": a.system_tokens, "runs": []}
+        for u in [int(x) for x in a.users.split(",")]:
+            report["runs"].append(asyncio.run(run_users(url, model, u, a.turns, a.tokens, system)))
+        runs = report["runs"]
+        if len(runs) > 1:
+            report["scaling_vs_first"] = {r["users"]: round(r["output_tok_s"] / runs[0]["output_tok_s"], 2) for r in runs}
+        for r in runs:
+            last = r["per_turn"][a.turns]["ttft_p50_s"]
+            r["ttft_last_over_first_turn_p50"] = round(last / r["per_turn"][1]["ttft_p50_s"], 2)
+        print(json.dumps(report, indent=1))
+    finally:
+        for s in services:
+            s.stop()
+
+
+if __name__ == "__main__":
+    main()
