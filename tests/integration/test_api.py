@@ -124,3 +124,26 @@ def test_context_overflow_is_400_with_the_limit(client, platform):
     with pytest.raises(openai.BadRequestError) as e:
         ask(client, platform.model, [{"role": "user", "content": "hello " * 1500}], max_tokens=1000)
     assert "maximum context length is 2048 tokens" in e.value.body["message"]
+
+
+def test_client_disconnect_aborts_the_request_and_frees_its_cache(platform):
+    body = {"model": platform.model, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{platform.api_url}/chat/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            for _ in range(5):
+                next(lines)
+            load = http.get(platform.worker.url + "/status").json()["load"]
+            assert load["num_running"] == 1 and load["kv_cache_usage"] > 0
+        # the stream is closed here: the worker must abort and free the blocks at once
+        import time
+
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            load = http.get(platform.worker.url + "/status").json()["load"]
+            if load["num_running"] == 0:
+                break
+            time.sleep(0.1)
+    assert load["num_running"] == 0 and load["queue_length"] == 0
