@@ -47,6 +47,7 @@ def test_prefix_cache_hits_match_and_are_counted(hf_model):
 def test_preempted_and_resumed_requests_match(hf_model):
     ps = prompts(5, 5, 10, 30)
     engine = engine_for(hf_model, num_blocks=24, block_size=4)  # 96 slots: not enough for all at once
+    engine.scheduler.growth_cap = 0  # admit on prompt blocks alone, so running sequences get preempted
     out = run(engine, {0: [(f"r{i}", p, 24) for i, p in enumerate(ps)]})
     assert engine.scheduler.num_preemptions > 0
     for i, p in enumerate(ps):

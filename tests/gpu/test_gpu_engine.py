@@ -38,6 +38,7 @@ def test_gpu_engine_matches_transformers_fp32_mixed_arrivals(hf_gpu):
 
 def test_gpu_prefix_cache_and_preemption_match(hf_gpu):
     engine = engine_for(hf_gpu, num_blocks=40, block_size=16, budget=512, max_num_seqs=16)
+    engine.scheduler.growth_cap = 0  # admit on prompt blocks alone, so running sequences get preempted
     ps = prompts(2, 6, 60, 150)
     out = run(engine, {0: [(f"r{i}", p, 40) for i, p in enumerate(ps)]})
     assert engine.scheduler.num_preemptions > 0

@@ -107,7 +107,7 @@ def test_scheduler_gives_decode_tokens_before_new_prefills():
 
 def test_preemption_recomputes_and_every_request_finishes():
     bm = BlockManager(num_blocks=6, block_size=4)  # too small for all three at once
-    sched = Scheduler(bm, max_num_seqs=8, max_batched_tokens=64)
+    sched = Scheduler(bm, max_num_seqs=8, max_batched_tokens=64, growth_cap=0)
     seqs = [seq(range(i * 10, i * 10 + 6), max_tokens=8) for i in range(3)]
     for s in seqs:
         sched.add(s)
@@ -176,3 +176,13 @@ def test_top_k_one_is_greedy():
     logits = torch.randn(1, 100)
     s = Sequence("r", 0, [1], SamplingParams(temperature=1.5, top_k=1))
     assert sample(logits.clone(), [s], ())[0].token_id == int(logits.argmax())
+
+
+def test_admission_reserves_room_for_running_sequences_to_grow():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_batched_tokens=64)
+    seqs = [seq(range(i * 10, i * 10 + 6), max_tokens=8) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    done = run_fake(sched)
+    assert len(done) == 3 and sched.num_preemptions == 0

@@ -16,6 +16,9 @@ from worker.engine.kv_cache import BlockManager
 from worker.engine.request import Sequence, SeqStatus
 
 
+GROWTH_CAP = 256  # tokens of future growth reserved per running sequence at admission
+
+
 @dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
@@ -49,6 +52,7 @@ class Scheduler:
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
+    growth_cap: int = GROWTH_CAP  # 0: admit on prompt blocks alone (vLLM's behaviour; more preemption)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -91,13 +95,16 @@ class Scheduler:
                 n = min(seq.num_uncomputed, budget)
                 batch.items.append(ScheduledSeq(seq, n))
                 budget -= n
-        # 3. admit waiting sequences while blocks and budget last
+        # 3. admit waiting sequences while blocks and budget last, keeping room for the running sequences'
+        #    next tokens (up to GROWTH_CAP each): admitting into that room would only cause preemptions,
+        #    whose recompute costs more than the admission gains.
+        reserve = sum(self._growth_blocks(s) for s in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            # keep a watermark of free blocks for running sequences to grow into (fewer preemptions)
-            watermark = self.blocks.num_blocks // 100 if self.running else 0
-            if not self.blocks.can_allocate(seq, reserve=watermark):
+            growth = self._growth_blocks(seq)
+            if not self.blocks.can_allocate(seq, reserve=reserve + growth if self.running else 0):
                 break
+            reserve += growth
             self.waiting.popleft()
             self.blocks.allocate(seq)
             seq.status = SeqStatus.RUNNING
@@ -106,6 +113,12 @@ class Scheduler:
             batch.items.append(ScheduledSeq(seq, n))
             budget -= n
         return batch
+
+    def _growth_blocks(self, seq: Sequence) -> int:
+        """Blocks seq still needs for its next tokens (capped), beyond those it holds."""
+        to_come = min(seq.params.max_tokens - seq.num_output_tokens, self.growth_cap)
+        held = max(len(seq.block_table), self.blocks.blocks_needed(seq.num_tokens))
+        return max(0, self.blocks.blocks_needed(seq.num_tokens + to_come) - held)
 
     def update(self, batch: Batch, sampled: dict[int, int]) -> None:
         """Advance computed counts and append sampled tokens (seq_id -> token id)."""
