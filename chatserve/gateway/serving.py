@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +112,42 @@ class _Choice:
     logprobs: list[Any] = field(default_factory=list)
 
 
+async def collect(started: StartedStream, n: int) -> tuple[list[_Choice], int]:
+    """Aggregate a worker stream of n choices (non-streaming responses). Returns choices, cached tokens."""
+    choices = [_Choice() for _ in range(n)]
+    cached = 0
+    async for chunk in started.rest():
+        c = choices[chunk.index]
+        c.text.append(chunk.text)
+        if chunk.logprobs:
+            c.logprobs.extend(chunk.logprobs)
+        if chunk.finish_reason:
+            c.finish, c.completion_tokens = chunk.finish_reason, chunk.completion_tokens
+            cached = max(cached, chunk.cached_tokens)
+    return choices, cached
+
+
+async def relay(started: StartedStream, render: Callable[[GenerateChunk], str | None],
+                render_usage: Callable[[Usage], str], include_usage: bool) -> AsyncIterator[str]:
+    """Relay a worker stream as SSE events: deltas, an error event if the worker fails mid-stream, the
+    usage event if asked for, then [DONE]."""
+    completion, cached = 0, 0
+    try:
+        async for chunk in started.rest():
+            event = render(chunk)
+            if event is not None:
+                yield event
+            if chunk.finish_reason:
+                completion += chunk.completion_tokens
+                cached = max(cached, chunk.cached_tokens)
+    except ChatServeError as exc:
+        yield sse_error(exc)
+        return
+    if include_usage:
+        yield render_usage(Usage.of(started.start.prompt_tokens, completion, cached))
+    yield sse_done()
+
+
 def _chat_logprobs(chunk: GenerateChunk) -> ChoiceLogprobs | None:
     if chunk.logprobs is None:
         return None
@@ -139,16 +175,7 @@ class ChatService:
     async def complete(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
         req, key = self.to_generate(body)
         started = await open_stream(self.upstream, body.model, req, key)
-        choices = [_Choice() for _ in range(body.n)]
-        cached = 0
-        async for chunk in started.rest():
-            c = choices[chunk.index]
-            c.text.append(chunk.text)
-            if chunk.logprobs:
-                c.logprobs.extend(chunk.logprobs)
-            if chunk.finish_reason:
-                c.finish, c.completion_tokens = chunk.finish_reason, chunk.completion_tokens
-                cached = max(cached, chunk.cached_tokens)
+        choices, cached = await collect(started, body.n)
         prompt_tokens = started.start.prompt_tokens
         out = []
         for i, c in enumerate(choices):
@@ -174,24 +201,16 @@ class ChatService:
             return sse_data(ChatCompletionChunk(id=rid, created=created, model=body.model, choices=choices,
                                                 system_fingerprint=SYSTEM_FINGERPRINT, usage=usage))
 
+        def delta(chunk: GenerateChunk) -> str | None:
+            if not (chunk.text or chunk.finish_reason or chunk.logprobs):
+                return None
+            return chunk_of([ChatChunkChoice(index=chunk.index, delta=DeltaMessage(content=chunk.text or None),
+                                             finish_reason=chunk.finish_reason, logprobs=_chat_logprobs(chunk))])
+
         for i in range(body.n):
             yield chunk_of([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-        completion, cached = 0, 0
-        try:
-            async for chunk in started.rest():
-                if chunk.text or chunk.finish_reason or chunk.logprobs:
-                    yield chunk_of([ChatChunkChoice(
-                        index=chunk.index, delta=DeltaMessage(content=chunk.text or None),
-                        finish_reason=chunk.finish_reason, logprobs=_chat_logprobs(chunk))])
-                if chunk.finish_reason:
-                    completion += chunk.completion_tokens
-                    cached = max(cached, chunk.cached_tokens)
-        except ChatServeError as exc:
-            yield sse_error(exc)
-            return
-        if body.include_usage():
-            yield chunk_of([], Usage.of(started.start.prompt_tokens, completion, cached))
-        yield sse_done()
+        async for event in relay(started, delta, lambda u: chunk_of([], u), body.include_usage()):
+            yield event
 
 
 class CompletionService:
@@ -222,16 +241,7 @@ class CompletionService:
         for p_index, prompt in enumerate(prompts):
             req = self.to_generate(body, prompt)
             started = await open_stream(self.upstream, body.model, req, None)
-            parts = [_Choice() for _ in range(body.n)]
-            cached = 0
-            async for chunk in started.rest():
-                c = parts[chunk.index]
-                c.text.append(chunk.text)
-                if chunk.logprobs:
-                    c.logprobs.extend(chunk.logprobs)
-                if chunk.finish_reason:
-                    c.finish, c.completion_tokens = chunk.finish_reason, chunk.completion_tokens
-                    cached = max(cached, chunk.cached_tokens)
+            parts, cached = await collect(started, body.n)
             echo = (started.start.prompt_text or "") if body.echo else ""
             for i, c in enumerate(parts):
                 choices.append(CompletionChoice(index=p_index * body.n + i, text=echo + "".join(c.text),
@@ -261,22 +271,15 @@ class CompletionService:
         if body.echo and started.start.prompt_text:
             for i in range(body.n):
                 yield chunk_of([CompletionChoice(index=i, text=started.start.prompt_text)])
-        completion, cached = 0, 0
-        try:
-            async for chunk in started.rest():
-                if chunk.text or chunk.finish_reason:
-                    lp = _completion_logprobs(chunk.logprobs or []) if body.logprobs is not None else None
-                    yield chunk_of([CompletionChoice(index=chunk.index, text=chunk.text,
-                                                     finish_reason=chunk.finish_reason, logprobs=lp)])
-                if chunk.finish_reason:
-                    completion += chunk.completion_tokens
-                    cached = max(cached, chunk.cached_tokens)
-        except ChatServeError as exc:
-            yield sse_error(exc)
-            return
-        if body.include_usage():
-            yield chunk_of([], Usage.of(started.start.prompt_tokens, completion, cached))
-        yield sse_done()
+        def delta(chunk: GenerateChunk) -> str | None:
+            if not (chunk.text or chunk.finish_reason):
+                return None
+            lp = _completion_logprobs(chunk.logprobs or []) if body.logprobs is not None else None
+            return chunk_of([CompletionChoice(index=chunk.index, text=chunk.text, finish_reason=chunk.finish_reason,
+                                              logprobs=lp)])
+
+        async for event in relay(started, delta, lambda u: chunk_of([], u), body.include_usage()):
+            yield event
 
 
 def _completion_logprobs(items: list[Any]) -> CompletionLogprobs:
