@@ -132,6 +132,7 @@ class GatewaySettings(BaseSettings):
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest request body"})
     worker_cache_ttl: float = field(default=10.0, metadata={"help": "seconds a known worker address is reused while the controller is down"})
     cors_origins: list[str] = field(default_factory=list, metadata={"help": "allowed CORS origins"})
+    metrics_open: bool = field(default=False, metadata={"help": "serve /metrics without an API key"})
 
 
 @dataclass

@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from chatserve.gateway.metrics import GatewayMetrics
 from chatserve.gateway.serving import ChatService, CompletionService
 from chatserve.gateway.upstream import Upstream, WorkerUnreachable
 from chatserve.http import error_response, install_error_handlers, serve, setup_logging
@@ -26,6 +27,8 @@ from chatserve.settings import GatewaySettings
 log = logging.getLogger("chatserve.gateway")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+                "/metrics", "/status"}
 
 
 def build_app(settings: GatewaySettings) -> FastAPI:
@@ -36,10 +39,11 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             upstream = Upstream(client, settings.controller_url.rstrip("/"), settings.internal_secret,
                                 settings.worker_cache_ttl)
             app.state.upstream = upstream
-            app.state.chat = ChatService(upstream, settings.max_tokens_cap)
-            app.state.completions = CompletionService(upstream, settings.max_tokens_cap)
+            app.state.chat = ChatService(upstream, settings.max_tokens_cap, metrics)
+            app.state.completions = CompletionService(upstream, settings.max_tokens_cap, metrics)
             yield
 
+    metrics = GatewayMetrics()
     app = FastAPI(title="chatserve API", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     if settings.cors_origins:
@@ -49,12 +53,16 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     keys = [k.encode() for k in settings.api_keys]
 
     @app.middleware("http")
-    async def body_limit(request: Request, call_next):  # type: ignore[no-untyped-def]
+    async def body_limit_and_count(request: Request, call_next):  # type: ignore[no-untyped-def]
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return error_response(RequestTooLargeError(
+            response = error_response(RequestTooLargeError(
                 f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes} bytes"))
-        return await call_next(request)
+        else:
+            response = await call_next(request)
+        route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        return response
 
     def auth(request: Request) -> None:
         if not keys:
@@ -68,6 +76,18 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         if not ok:
             raise AuthenticationError("Incorrect API key provided." if given else "Missing API key "
                                       "(send 'Authorization: Bearer <key>').", code="invalid_api_key")
+
+    def metrics_auth(request: Request) -> None:
+        if not settings.metrics_open:
+            auth(request)
+
+    @app.get("/metrics", dependencies=[Depends(metrics_auth)])
+    async def prometheus(request: Request) -> Response:
+        try:
+            metrics.set_workers(await request.app.state.upstream.status())
+        except ServiceUnavailableError:
+            pass  # controller down: worker gauges stay empty, gateway counters still served
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/health")
     async def health(request: Request) -> Any:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatserve.gateway.metrics import GatewayMetrics
 from chatserve.gateway.sse import sse_data, sse_done, sse_error
 from chatserve.gateway.upstream import Upstream, WorkerUnreachable
 from chatserve.protocol.errors import BadRequestError, ChatServeError, InternalError, ServiceUnavailableError
@@ -63,19 +65,36 @@ class StartedStream:
     chunks: AsyncIterator[GenerateChunk]
     worker_id: str
     upstream: Upstream
+    model: str = ""
+    metrics: GatewayMetrics | None = None
+    started_at: float = field(default_factory=time.perf_counter)
 
     async def rest(self) -> AsyncIterator[GenerateChunk]:
+        stamps: list[float] = []
+        completion, cached = 0, 0
         try:
             async for chunk in self.chunks:
                 if chunk.kind == "error":
                     raise InternalError((chunk.error or {}).get("message", "worker error"))
+                if chunk.text:
+                    stamps.append(time.perf_counter())
+                if chunk.finish_reason:
+                    completion += chunk.completion_tokens
+                    cached = max(cached, chunk.cached_tokens)
                 yield chunk
         except WorkerUnreachable:
             await self.upstream.report_failure(self.worker_id)
             raise ServiceUnavailableError("the worker serving this request failed mid-stream") from None
+        if self.metrics is not None:
+            self.metrics.observe_request(self.model, stamps[0] - self.started_at if stamps else None,
+                                         [b - a for a, b in zip(stamps, stamps[1:])],
+                                         time.perf_counter() - self.started_at, self.start.prompt_tokens,
+                                         completion, cached)
 
 
-async def open_stream(upstream: Upstream, model: str, req: GenerateRequest, prefix_key: str | None) -> StartedStream:
+async def open_stream(upstream: Upstream, model: str, req: GenerateRequest, prefix_key: str | None,
+                      metrics: GatewayMetrics | None = None) -> StartedStream:
+    started_at = time.perf_counter()
     tried: list[str] = []
     last: Exception | None = None
     for _ in range(MAX_ATTEMPTS):
@@ -92,7 +111,7 @@ async def open_stream(upstream: Upstream, model: str, req: GenerateRequest, pref
         except StopAsyncIteration:
             tried.append(worker.worker_id)
             continue
-        return StartedStream(start, chunks, worker.worker_id, upstream)
+        return StartedStream(start, chunks, worker.worker_id, upstream, model, metrics, started_at)
     raise ServiceUnavailableError(f"no worker could serve model '{model}'") from last
 
 
@@ -158,9 +177,10 @@ def _chat_logprobs(chunk: GenerateChunk) -> ChoiceLogprobs | None:
 
 
 class ChatService:
-    def __init__(self, upstream: Upstream, max_tokens_cap: int):
+    def __init__(self, upstream: Upstream, max_tokens_cap: int, metrics: GatewayMetrics | None = None):
         self.upstream = upstream
         self.cap = max_tokens_cap
+        self.metrics = metrics
 
     def to_generate(self, body: ChatCompletionRequest) -> tuple[GenerateRequest, str | None]:
         if body.response_format is not None and body.response_format.type != "text":
@@ -174,7 +194,7 @@ class ChatService:
 
     async def complete(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
         req, key = self.to_generate(body)
-        started = await open_stream(self.upstream, body.model, req, key)
+        started = await open_stream(self.upstream, body.model, req, key, self.metrics)
         choices, cached = await collect(started, body.n)
         prompt_tokens = started.start.prompt_tokens
         out = []
@@ -191,7 +211,7 @@ class ChatService:
     async def stream(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
         """Opens the worker stream first (errors raise before any byte is sent), then yields SSE events."""
         req, key = self.to_generate(body)
-        started = await open_stream(self.upstream, body.model, req, key)
+        started = await open_stream(self.upstream, body.model, req, key, self.metrics)
         return self._events(body, req.request_id, started)
 
     async def _events(self, body: ChatCompletionRequest, rid: str, started: StartedStream) -> AsyncIterator[str]:
@@ -214,9 +234,10 @@ class ChatService:
 
 
 class CompletionService:
-    def __init__(self, upstream: Upstream, max_tokens_cap: int):
+    def __init__(self, upstream: Upstream, max_tokens_cap: int, metrics: GatewayMetrics | None = None):
         self.upstream = upstream
         self.cap = max_tokens_cap
+        self.metrics = metrics
 
     def to_generate(self, body: CompletionRequest, prompt: str | list[int]) -> GenerateRequest:
         # OpenAI's legacy default for completions is 16 tokens
@@ -240,7 +261,7 @@ class CompletionService:
         rid, choices, usage = new_id("cmpl"), [], Usage()
         for p_index, prompt in enumerate(prompts):
             req = self.to_generate(body, prompt)
-            started = await open_stream(self.upstream, body.model, req, None)
+            started = await open_stream(self.upstream, body.model, req, None, self.metrics)
             parts, cached = await collect(started, body.n)
             echo = (started.start.prompt_text or "") if body.echo else ""
             for i, c in enumerate(parts):
@@ -258,7 +279,7 @@ class CompletionService:
         if len(prompts) != 1:
             raise BadRequestError("streaming supports one prompt per request", param="prompt")
         req = self.to_generate(body, prompts[0])
-        started = await open_stream(self.upstream, body.model, req, None)
+        started = await open_stream(self.upstream, body.model, req, None, self.metrics)
         return self._events(body, req.request_id, started)
 
     async def _events(self, body: CompletionRequest, rid: str, started: StartedStream) -> AsyncIterator[str]:

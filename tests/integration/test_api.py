@@ -147,3 +147,16 @@ def test_client_disconnect_aborts_the_request_and_frees_its_cache(platform):
                 break
             time.sleep(0.1)
     assert load["num_running"] == 0 and load["queue_length"] == 0
+
+
+def test_metrics_use_chatserve_names_and_count_requests(client, platform):
+    ask(client, platform.model, [{"role": "user", "content": "Say hi."}], max_tokens=8)
+    httpx.get(platform.api_url + "/models/no-such-model")
+    text = httpx.get(platform.gateway.url + "/metrics").text
+    for name in ("chatserve:time_to_first_token_seconds_bucket", "chatserve:inter_token_latency_seconds_bucket",
+                 "chatserve:e2e_request_latency_seconds_count", "chatserve:generation_tokens_total",
+                 "chatserve:prompt_tokens_total", "chatserve:num_requests_running", "chatserve:kv_cache_usage_perc",
+                 "chatserve:prefix_cache_hit_rate"):
+        assert name in text, name
+    assert 'chatserve:requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'chatserve:requests_total{route="other",status="404"}' in text
