@@ -69,3 +69,23 @@ def test_abort_frees_blocks_at_once(hf_model):
     assert engine.blocks.num_free < 64
     engine.abort("a")
     assert engine.blocks.num_free == 64 and not engine.has_unfinished()
+
+
+def test_stop_string_found_a_step_late_drops_the_extra_token(hf_model):
+    from chatserve.protocol.sampling import SamplingParams
+
+    p = prompts(9, 1, 12, 12)[0]
+    ref = hf_greedy(hf_model, p, 12)
+    stop = f" {ref[4]} {ref[5]}"
+    assert stop not in "".join(f" {t}" for t in ref[:5])
+    engine = engine_for(hf_model, num_blocks=64)
+    engine.add_request("s", p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))
+    text, tokens, last = [], [], None
+    while engine.has_unfinished():
+        for o in engine.step():
+            text.append(o.text)
+            tokens.extend(o.token_ids)
+            last = o
+    assert "".join(text) == "".join(f" {t}" for t in ref[:4])
+    assert tokens == ref[:6] and last.finish_reason == "stop" and last.completion_tokens == 6
+    assert engine.blocks.num_free == 64

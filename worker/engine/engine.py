@@ -18,7 +18,7 @@ from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.kv_cache import BlockManager
 from worker.engine.model_runner import ModelRunner
 from worker.engine.request import Sequence
-from worker.engine.sampler import SampleResult, sample
+from worker.engine.sampler import SampleResult, sample_launch
 from worker.engine.scheduler import Scheduler
 from worker.engine.stopping import StopChecker
 
@@ -74,6 +74,7 @@ class LLMEngine:
         self.by_request: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
         self.last_step_decode_only = False
+        self.pending: list[tuple[Sequence, SampleResult, str | None]] = []
 
     # --- requests -----------------------------------------------------------------------------------
 
@@ -101,54 +102,74 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
             self.tracked.pop(seq.seq_id, None)
+        self.pending = [item for item in self.pending if item[0].request_id != request_id]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.pending)
 
     # --- stepping -----------------------------------------------------------------------------------
+    #
+    # Output processing is pipelined: a step queues its forward pass and sampling on the device, then
+    # detokenizes and checks stop strings for the *previous* step's tokens while the device works, then
+    # waits for its own tokens. Cheap stop conditions (EOS, stop token ids, max_tokens, context) are
+    # applied at once, so no extra token is computed for them; a stop string found one step later drops
+    # the token computed meanwhile (its blocks are freed before anything can reuse them).
 
     @torch.inference_mode()
     def step(self) -> list[SeqOutput]:
         batch = self.scheduler.schedule()
         if not batch.items:
-            return []
+            return self._drain_pending()
         self.last_step_decode_only = batch.is_decode_only
         logits, seqs = self.runner.execute(batch)
-        results = sample(logits, seqs, self.eos_ids) if seqs else []
-        self.scheduler.update(batch, {s.seq_id: r.token_id for s, r in zip(seqs, results)})
+        queued = sample_launch(logits, seqs, self.eos_ids) if seqs else None
+        outputs = self._drain_pending()  # overlaps with the device work just queued
+        results = queued.results() if queued is not None else []
+        live = [(s, r) for s, r in zip(seqs, results) if not s.is_finished]
+        self.scheduler.update(batch, {s.seq_id: r.token_id for s, r in live})
         self.stats.steps += 1
         self.stats.prompt_tokens += sum(it.num_tokens for it in batch.items if not it.samples or it.num_tokens > 1)
-        self.stats.generation_tokens += len(seqs)
-        self.stats.recent.append((time.monotonic(), len(seqs)))
-        return [self._advance(seq, res) for seq, res in zip(seqs, results)]
+        self.stats.generation_tokens += len(live)
+        self.stats.recent.append((time.monotonic(), len(live)))
+        self.pending = [(s, r, self._finish_early(s, r.token_id)) for s, r in live]
+        return outputs
 
-    def _advance(self, seq: Sequence, res: SampleResult) -> SeqOutput:
+    def _finish_early(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        reason = None
+        if not p.ignore_eos and seq.num_output_tokens >= p.min_tokens and (
+                token in self.eos_ids or token in p.stop_token_ids):
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        return reason
+
+    def _drain_pending(self) -> list[SeqOutput]:
+        items, self.pending = self.pending, []
+        return [self._advance(seq, res, reason) for seq, res, reason in items if seq.seq_id in self.tracked]
+
+    def _advance(self, seq: Sequence, res: SampleResult, reason: str | None) -> SeqOutput:
         tr = self.tracked[seq.seq_id]
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
-        token = res.token_id
-        p = seq.params
-        reason: str | None = None
-        if not p.ignore_eos and seq.num_output_tokens > p.min_tokens - 1 and (
-                token in self.eos_ids or token in p.stop_token_ids):
-            reason = "stop"
         text = tr.detok.step(seq.output_token_ids)
-        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
         if reason is not None:
             text += tr.detok.flush(seq.output_token_ids)
         text = tr.stop.feed(text)
         if tr.stop.stopped:
             reason = "stop"
+            if not seq.is_finished:
+                self.scheduler.finish(seq, reason)
         elif reason is not None:
             text += tr.stop.flush()
         new_tokens = seq.output_token_ids[tr.sent_tokens :]
         tr.sent_tokens = seq.num_output_tokens
         logprobs = None
         if res.logprob is not None:
-            logprobs = [(token, res.logprob, res.top or [])]
+            logprobs = [(res.token_id, res.logprob, res.top or [])]
         if reason is not None:
-            self.scheduler.finish(seq, reason)
             self.tracked.pop(seq.seq_id, None)
             group = self.by_request.get(seq.request_id, [])
             if all(s.is_finished for s in group):

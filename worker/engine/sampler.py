@@ -53,8 +53,38 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
 
 
+@dataclass(slots=True)
+class PendingSample:
+    """Sampled tokens still on the device: `results()` waits for them (the engine does CPU work first)."""
+
+    tokens: torch.Tensor
+    seqs: list[Sequence]
+    raw_logprobs: torch.Tensor | None
+    want_logprobs: list[bool]
+
+    def results(self) -> list[SampleResult]:
+        token_list = self.tokens.tolist()
+        results = [SampleResult(t) for t in token_list]
+        if self.raw_logprobs is not None:
+            for i, seq in enumerate(self.seqs):
+                if not self.want_logprobs[i]:
+                    continue
+                k = seq.params.logprobs or 0
+                results[i].logprob = float(self.raw_logprobs[i, token_list[i]])
+                if k:
+                    vals, ids = self.raw_logprobs[i].topk(k)
+                    results[i].top = list(zip(ids.tolist(), vals.tolist()))
+                else:
+                    results[i].top = []
+        return results
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[SampleResult]:
-    """logits: [N, V] float32, one row per sequence that samples this step."""
+    return sample_launch(logits, seqs, eos_ids).results()
+
+
+def sample_launch(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> PendingSample:
+    """logits: [N, V] float32, one row per sequence that samples this step. Queues the sampling work."""
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
     if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
@@ -82,18 +112,4 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
                 noise[i].exponential_()
         sampled = (probs / noise).argmax(dim=-1)
         tokens = torch.where(greedy, tokens, sampled)
-
-    token_list = tokens.tolist()
-    results = [SampleResult(t) for t in token_list]
-    if raw_logprobs is not None:
-        for i, seq in enumerate(seqs):
-            if not want_logprobs[i]:
-                continue
-            k = seq.params.logprobs or 0
-            results[i].logprob = float(raw_logprobs[i, token_list[i]])
-            if k:
-                vals, ids = raw_logprobs[i].topk(k)
-                results[i].top = list(zip(ids.tolist(), vals.tolist()))
-            else:
-                results[i].top = []
-    return results
+    return PendingSample(tokens, seqs, raw_logprobs, want_logprobs)
