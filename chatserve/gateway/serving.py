@@ -85,6 +85,10 @@ class StartedStream:
         except WorkerUnreachable:
             await self.upstream.report_failure(self.worker_id)
             raise ServiceUnavailableError("the worker serving this request failed mid-stream") from None
+        finally:
+            # a client that went away closes this generator: close the worker stream at once, so the
+            # worker sees the disconnect and aborts the request in its engine
+            await self.chunks.aclose()  # type: ignore[attr-defined]
         if self.metrics is not None:
             self.metrics.observe_request(self.model, stamps[0] - self.started_at if stamps else None,
                                          [b - a for a, b in zip(stamps, stamps[1:])],
