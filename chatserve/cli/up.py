@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -49,6 +50,8 @@ def up(argv: Sequence[str]) -> None:
     controller = f"http://{host}:{a.controller_port}"
     gateway = f"http://{host}:{a.gateway_port}"
     py = [sys.executable, "-m", "chatserve.cli.main"]
+    # the internal plane (register, dispatch, generate) is closed to everyone but these processes
+    os.environ.setdefault("CHATSERVE_INTERNAL_SECRET", secrets.token_urlsafe(24))
     specs = [
         ("controller", [*py, "controller", "--host", host, "--port", str(a.controller_port)], f"{controller}/health"),
         ("worker", [*py, "worker", "--host", host, "--port", str(a.worker_port), "--controller-url", controller,
