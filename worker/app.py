@@ -270,6 +270,8 @@ def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
 
 def prepare(req: GenerateRequest, loaded: LoadedModel, renderer: PromptRenderer) -> tuple[list[int], str, Any]:
     params = req.params.model_copy()
+    if params.logit_bias:
+        check_token_ids(list(params.logit_bias), len(loaded.tokenizer), "logit_bias")
     if req.messages is not None:
         try:
             r = renderer.render([m.model_dump() for m in req.messages], req.chat_template, req.add_generation_prompt)

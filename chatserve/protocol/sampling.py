@@ -21,6 +21,7 @@ class SamplingParams(BaseModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[int, float] | None = None
 
     @property
     def greedy(self) -> bool:

@@ -160,3 +160,17 @@ def test_metrics_use_chatserve_names_and_count_requests(client, platform):
         assert name in text, name
     assert 'chatserve:requests_total{route="/v1/chat/completions",status="200"}' in text
     assert 'chatserve:requests_total{route="other",status="404"}' in text
+
+
+def test_logit_bias_is_honoured_and_validated(client, platform):
+    tok = httpx.post(f"{platform.gateway.url}/tokenize", json={"model": platform.model, "prompt": " banana"}).json()
+    target = tok["tokens"][-1]
+    r = ask(client, platform.model, [{"role": "user", "content": "Say something."}], max_tokens=3,
+            logit_bias={str(target): 100})
+    assert r.choices[0].message.content.strip().startswith("banana")
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, platform.model, [{"role": "user", "content": "x"}], logit_bias={"10": 500})
+    assert e.value.body["param"] == "logit_bias"
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, platform.model, [{"role": "user", "content": "x"}], logit_bias={"99999999": 1})
+    assert e.value.body["param"] == "logit_bias"

@@ -186,3 +186,10 @@ def test_admission_reserves_room_for_running_sequences_to_grow():
         sched.add(s)
     done = run_fake(sched)
     assert len(done) == 3 and sched.num_preemptions == 0
+
+
+def test_logit_bias_moves_the_greedy_choice():
+    logits = torch.zeros(1, 10)
+    logits[0, 3] = 1.0
+    s = Sequence("r", 0, [1], SamplingParams(temperature=0, logit_bias={7: 5.0, 3: -100.0}))
+    assert sample(logits.clone(), [s], ())[0].token_id == 7

@@ -90,6 +90,10 @@ def sample_launch(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int
     if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
            for s in seqs):
         _apply_penalties(logits, seqs)
+    for i, seq in enumerate(seqs):
+        if seq.params.logit_bias:
+            ids = torch.tensor(list(seq.params.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(seq.params.logit_bias.values()), device=logits.device)
     _mask_eos(logits, seqs, eos_ids)
 
     vocab = logits.shape[1]
