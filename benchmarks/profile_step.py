@@ -89,9 +89,23 @@ def profile_steps() -> dict:
         out[label] = {"wall_ms": round(wall * 1000, 1), "decode_only": engine.last_step_decode_only,
                       "running": len(engine.scheduler.running)}
         print(f"=== {label} step: {out[label]}\n{table}", flush=True)
+    # batch-1 decode: what the single-stream step spends on the device
+    while engine.has_unfinished():
+        engine.step()
+    engine.add_request("solo", workload(1, 128, 128, 32000, seed=5)[0], SamplingParams(max_tokens=40, temperature=0,
+                                                                                       ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine.step()
+        torch.cuda.synchronize()
+    print("=== batch-1 decode, 10 steps\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=16,
+                                                                      max_name_column_width=60), flush=True)
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps({"decode_kernel_best": decode_kernel_sweep()}, indent=1), flush=True)
+    if "--sweep" in sys.argv:
+        print(json.dumps({"decode_kernel_best": decode_kernel_sweep()}, indent=1), flush=True)
     print(json.dumps(profile_steps()), flush=True)
