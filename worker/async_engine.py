@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from chatserve.protocol.sampling import SamplingParams
@@ -29,6 +29,29 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Any]
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for queue_, item in items:
+        queue_.put_nowait(item)
+
+
+def merge_outputs(items: list[Any]) -> list[Any]:
+    """Coalesce consecutive deltas of the same choice (text, tokens and logprobs concatenated), so under
+    load the HTTP path carries one chunk per choice per read instead of one per token. Order is kept."""
+    out: list[Any] = []
+    for item in items:
+        prev = out[-1] if out else None
+        if (isinstance(item, SeqOutput) and isinstance(prev, SeqOutput) and prev.index == item.index
+                and not prev.finished):
+            logprobs = None
+            if prev.logprobs is not None or item.logprobs is not None:
+                logprobs = (prev.logprobs or []) + (item.logprobs or [])
+            out[-1] = replace(item, text=prev.text + item.text, token_ids=prev.token_ids + item.token_ids,
+                              logprobs=logprobs)
+        else:
+            out.append(item)
+    return out
 
 
 class AsyncEngine:
@@ -67,12 +90,15 @@ class AsyncEngine:
         finished = 0
         try:
             while finished < n:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    finished += 1
-                yield item
+                items = [await stream.queue.get()]
+                while not stream.queue.empty():  # a slow reader gets what piled up as one delta per choice
+                    items.append(stream.queue.get_nowait())
+                for item in merge_outputs(items):
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finished:
+                        finished += 1
+                    yield item
         finally:
             self.pending -= 1
             with self._lock:
@@ -88,6 +114,17 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _deliver_many(self, outputs: list[SeqOutput]) -> None:
+        """One cross-thread wake-up per event loop per step, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], SeqOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _drain_commands(self) -> None:
         while True:
@@ -123,6 +160,5 @@ class AsyncEngine:
                     self.engine.abort(rid)
                     self._deliver(rid, EngineDeadError(self.dead))
                 return
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_many(outputs)
             self.load = self.engine.load()

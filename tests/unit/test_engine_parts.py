@@ -193,3 +193,15 @@ def test_logit_bias_moves_the_greedy_choice():
     logits[0, 3] = 1.0
     s = Sequence("r", 0, [1], SamplingParams(temperature=0, logit_bias={7: 5.0, 3: -100.0}))
     assert sample(logits.clone(), [s], ())[0].token_id == 7
+
+
+def test_piled_up_deltas_merge_per_choice_in_order():
+    from worker.async_engine import merge_outputs
+    from worker.engine.engine import SeqOutput
+
+    def out(index, text, tok, finished=False):
+        return SeqOutput("r", index, text, [tok], finished, "stop" if finished else None, 3, tok, 0)
+
+    merged = merge_outputs([out(0, "a", 1), out(0, "b", 2), out(1, "x", 1), out(0, "c", 3, True), out(0, "z", 9)])
+    assert [(m.index, m.text, m.token_ids, m.finished) for m in merged] == [
+        (0, "ab", [1, 2], False), (1, "x", [1], False), (0, "c", [3], True), (0, "z", [9], False)]
