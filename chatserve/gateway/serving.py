@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatserve.gateway.metrics import GatewayMetrics
-from chatserve.gateway.sse import sse_data, sse_done, sse_error
+from chatserve.gateway.sse import sse_data, sse_done, sse_error, sse_json
 from chatserve.gateway.upstream import Upstream, WorkerUnreachable
 from chatserve.protocol.errors import BadRequestError, ChatServeError, InternalError, ServiceUnavailableError
 from chatserve.protocol.internal import GenerateChunk, GenerateRequest, Message
@@ -225,11 +225,20 @@ class ChatService:
             return sse_data(ChatCompletionChunk(id=rid, created=created, model=body.model, choices=choices,
                                                 system_fingerprint=SYSTEM_FINGERPRINT, usage=usage))
 
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                "system_fingerprint": SYSTEM_FINGERPRINT}
+
         def delta(chunk: GenerateChunk) -> str | None:
             if not (chunk.text or chunk.finish_reason or chunk.logprobs):
                 return None
-            return chunk_of([ChatChunkChoice(index=chunk.index, delta=DeltaMessage(content=chunk.text or None),
-                                             finish_reason=chunk.finish_reason, logprobs=_chat_logprobs(chunk))])
+            if chunk.logprobs:
+                return chunk_of([ChatChunkChoice(index=chunk.index, delta=DeltaMessage(content=chunk.text or None),
+                                                 finish_reason=chunk.finish_reason, logprobs=_chat_logprobs(chunk))])
+            # hot path: the same wire format as ChatCompletionChunk, built without pydantic
+            choice: dict = {"index": chunk.index, "delta": {"content": chunk.text} if chunk.text else {}}
+            if chunk.finish_reason:
+                choice["finish_reason"] = chunk.finish_reason
+            return sse_json({**head, "choices": [choice]})
 
         for i in range(body.n):
             yield chunk_of([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])

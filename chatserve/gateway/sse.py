@@ -13,6 +13,10 @@ def sse_data(model: BaseModel) -> str:
     return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
 
 
+def sse_json(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
 def sse_error(err: ChatServeError) -> str:
     return f"data: {json.dumps(err.to_dict())}\n\n"
 

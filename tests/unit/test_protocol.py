@@ -103,3 +103,13 @@ def test_error_mapping_uses_openai_envelope_and_status():
     assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
     r = c.get("/boom")
     assert r.status_code == 500 and "10.1.2.3" not in r.text and "Traceback" not in r.text
+
+
+def test_fast_chunk_encoding_matches_the_pydantic_wire_format():
+    from worker.app import encode_chunk, to_chunk
+    from worker.engine.engine import SeqOutput
+
+    out = SeqOutput("r", 1, "hé", [5, 6], True, "stop", 10, 2, 4)
+    fast = json.loads(encode_chunk(out, None))
+    slow = json.loads(to_chunk(out, None).model_dump_json(exclude_defaults=True))
+    assert GenerateChunk(**fast) == GenerateChunk(**slow)
