@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from chatserve.http import check_secret, install_error_handlers, secret_headers, serve, setup_logging
 from chatserve.protocol.errors import BadRequestError, ContextLengthError, OverloadedError, ServiceUnavailableError
@@ -209,8 +209,6 @@ def build_app(settings: WorkerSettings) -> FastAPI:
         if state.status == "failed":
             body["error"] = state.error
         if state.status != "ready" or (state.engine and state.engine.dead):
-            from fastapi.responses import JSONResponse
-
             return JSONResponse(body, status_code=503)
         return body
 
