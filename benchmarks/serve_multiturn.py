@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--system-tokens", type=int, default=0)
     ap.add_argument("--worker-args", default="", help="extra worker flags when the script starts the stack")
+    ap.add_argument("--show-logs", action="store_true", help="print the services' warnings at the end")
     a = ap.parse_args()
     services = []
     url = a.api_url
@@ -137,6 +138,10 @@ def main() -> None:
     finally:
         for s in services:
             s.stop()
+        if a.show_logs:
+            for s in services:
+                lines = [ln for ln in s.logs().splitlines() if "WARNING" in ln or "ERROR" in ln]
+                print(f"--- {s.name}: {len(lines)} warnings\n" + "\n".join(lines[-25:]), file=sys.stderr)
 
 
 if __name__ == "__main__":

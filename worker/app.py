@@ -110,9 +110,17 @@ def build_engine(settings: WorkerSettings) -> tuple[LoadedModel, LLMEngine]:
 
 
 def warm_up(engine: LLMEngine) -> None:
+    """Run every kind of step once before serving, so no user pays for a first-time cost (Triton
+    specializations of the eager paths, kernel selection): a plain prefill, a mixed step that decodes one
+    sequence while prefilling another whose prefix is cached, and decode-only steps."""
     from chatserve.protocol.sampling import SamplingParams
 
-    engine.add_request("warmup", [1, 2, 3, 4], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    bs = engine.blocks.block_size
+    prefix = [(i * 7) % 1000 + 3 for i in range(2 * bs)]
+    engine.add_request("warmup-a", prefix + [5], params)
+    engine.step()  # prefill of a
+    engine.add_request("warmup-b", prefix + [6, 7], params)  # cache hit on a's full blocks, a is decoding
     while engine.has_unfinished():
         engine.step()
 

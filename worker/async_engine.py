@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,6 +20,7 @@ from chatserve.protocol.sampling import SamplingParams
 from worker.engine.engine import LLMEngine, SeqOutput
 
 log = logging.getLogger("chatserve.worker.engine")
+SLOW_STEP_S = 0.25  # steps slower than this are logged (a stall users feel as latency)
 
 
 class EngineDeadError(RuntimeError):
@@ -150,7 +152,13 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
+                t0 = time.perf_counter()
                 outputs = self.engine.step()
+                took = time.perf_counter() - t0
+                if took > SLOW_STEP_S:
+                    log.warning("slow engine step: %.0f ms (running %d, waiting %d, decode-only %s)", took * 1000,
+                                len(self.engine.scheduler.running), len(self.engine.scheduler.waiting),
+                                self.engine.last_step_decode_only)
             except Exception as exc:  # noqa: BLE001 - fail every stream, keep nothing half-done
                 log.exception("engine step failed")
                 self.dead = f"engine failure: {type(exc).__name__}"

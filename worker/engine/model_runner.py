@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.attention import AttentionMetadata
+from worker.engine.attention import AttentionMetadata, ContextBatch
 from worker.engine.model import LlamaConfig, LlamaModel
 from worker.engine.request import Sequence
 from worker.engine.scheduler import Batch
@@ -135,10 +135,27 @@ class ModelRunner:
             decode_context_lens=dec_lens,
             prefill_query_lens=[it.num_tokens for it in prefill],
             prefill_context_lens=[it.seq.num_computed_tokens + it.num_tokens for it in prefill],
-            prefill_block_tables=[self._to_device(int_tensor(it.seq.block_table)) for it in prefill],
+            prefill_block_tables=[],
             block_size=bs,
+            ctx_batch=self._context_batch(prefill, len(decode)),
         )
         return self._to_device(int_tensor(ids)), self._to_device(int_tensor(pos)), meta, sample_rows
+
+    def _context_batch(self, prefill: list, first_row: int) -> ContextBatch | None:
+        """The prefill chunks that attend over cached keys before them, as one padded batch."""
+        starts, qlens, ctxs, tables = [], [], [], []
+        row = first_row
+        for it in prefill:
+            ctx = it.seq.num_computed_tokens + it.num_tokens
+            if ctx != it.num_tokens:
+                starts.append(row)
+                qlens.append(it.num_tokens)
+                ctxs.append(ctx)
+                tables.append(it.seq.block_table[: -(-ctx // self.block_size)])
+            row += it.num_tokens
+        if not qlens:
+            return None
+        return ContextBatch.build(starts, qlens, ctxs, padded_tables(tables).long(), self.block_size, self.device)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
