@@ -174,3 +174,20 @@ def test_logit_bias_is_honoured_and_validated(client, platform):
     with pytest.raises(openai.BadRequestError) as e:
         ask(client, platform.model, [{"role": "user", "content": "x"}], logit_bias={"99999999": 1})
     assert e.value.body["param"] == "logit_bias"
+
+
+def test_logprobs_n_seed_and_echo(client, platform):
+    r = ask(client, platform.model, [{"role": "user", "content": "Hi"}], max_tokens=4, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    kw = dict(model=platform.model, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=8,
+              temperature=1.0, n=2, seed=7)
+    first, again = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert len(first.choices) == 2 and first.usage.completion_tokens == 16
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    comp = client.completions.create(model=platform.model, prompt="The capital of France is", max_tokens=4,
+                                     temperature=0, logprobs=2, echo=True)
+    assert comp.choices[0].text.startswith("The capital of France is")
+    assert len(comp.choices[0].logprobs.tokens) == 4
