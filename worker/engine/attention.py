@@ -32,7 +32,6 @@ class AttentionMetadata:
     # prefill part, one entry per sequence (python ints: these run per sequence)
     prefill_query_lens: list[int]
     prefill_context_lens: list[int]  # tokens of context including this chunk
-    prefill_block_tables: list[torch.Tensor]  # each [num_blocks] long
     block_size: int
     # chunks that continue a cached context (prefix-cache hits, later chunks): attended in ONE batched call
     ctx_batch: ContextBatch | None = None
@@ -73,24 +72,23 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.index_copy_(0, slots, v)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None) -> torch.Tensor:
-    """q: [Lq, H, D], k/v: [Lk, KVH, D] -> [Lq, H, D]. causal_offset: query i sees keys <= offset + i."""
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a chunk over its own keys. q: [L, H, D], k/v: [L, KVH, D] -> [L, H, D]."""
     h, kvh = q.shape[1], k.shape[1]
     if kvh != h:
         k = k.repeat_interleave(h // kvh, dim=1)
         v = v.repeat_interleave(h // kvh, dim=1)
     # 4-D [1, H, L, D]: the flash / memory-efficient kernels take only 4-D inputs (3-D falls back to math)
     qt, kt, vt = q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-    lq, lk = q.shape[0], k.shape[0]
-    if causal_offset is None or lq == 1:
-        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
-    elif causal_offset == 0 and lq == lk:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
-    else:
-        qpos = torch.arange(lq, device=q.device).unsqueeze(1) + causal_offset
-        mask = torch.arange(lk, device=q.device).unsqueeze(0) <= qpos
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=q.shape[0] > 1, scale=scale)
     return out.squeeze(0).transpose(0, 1)
+
+
+def _gather_blocks(cache: torch.Tensor, tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The blocks listed in tables [B, W] (long) as one contiguous [B, W * block_size, KVH, D] copy."""
+    b, w = tables.shape
+    kvh, d = cache.shape[1], cache.shape[2]
+    return cache.view(-1, block_size, kvh, d).index_select(0, tables.flatten()).view(b, w * block_size, kvh, d)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -112,7 +110,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     for qlen, ctx in zip(meta.prefill_query_lens, meta.prefill_context_lens):
         end = start + qlen
         if ctx == qlen:  # nothing cached before this chunk: attend over the new keys directly (flash)
-            out[start:end] = _sdpa(q[start:end], k[start:end], v[start:end], scale, 0)
+            out[start:end] = _causal_sdpa(q[start:end], k[start:end], v[start:end], scale)
         start = end
     if meta.ctx_batch is not None:
         _attend_with_context(out, q, k_cache, v_cache, meta.ctx_batch, meta.block_size, scale)
@@ -123,11 +121,11 @@ def _attend_with_context(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tens
                          cb: ContextBatch, block_size: int, scale: float) -> None:
     """All chunks with cached context in one masked SDPA call (a loop per sequence cost ~100 us of host
     time per sequence and layer: with 64 chats resuming at once that was most of a step)."""
-    b, w = cb.tables.shape
+    b = cb.tables.shape[0]
     heads, d = q.shape[1], q.shape[2]
     kvh = k_cache.shape[1]
-    kc = k_cache.view(-1, block_size, kvh, d).index_select(0, cb.tables.flatten()).view(b, w * block_size, kvh, d)
-    vc = v_cache.view(-1, block_size, kvh, d).index_select(0, cb.tables.flatten()).view(b, w * block_size, kvh, d)
+    kc = _gather_blocks(k_cache, cb.tables, block_size)
+    vc = _gather_blocks(v_cache, cb.tables, block_size)
     if kvh != heads:
         kc = kc.repeat_interleave(heads // kvh, dim=2)
         vc = vc.repeat_interleave(heads // kvh, dim=2)
@@ -145,12 +143,9 @@ def _decode_torch(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_c
     than SDPA with a padding mask for one query token."""
     assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
     tables = meta.decode_block_tables.long()  # [B, W]
-    bsz, width = tables.shape
-    bs = meta.block_size
-    kvh, d = k_cache.shape[1], k_cache.shape[2]
-    length = width * bs
-    kc = k_cache.view(-1, bs, kvh, d).index_select(0, tables.flatten()).view(bsz, length, kvh, d)
-    vc = v_cache.view(-1, bs, kvh, d).index_select(0, tables.flatten()).view(bsz, length, kvh, d)
+    kc = _gather_blocks(k_cache, tables, meta.block_size)  # [B, L, KVH, D]
+    vc = _gather_blocks(v_cache, tables, meta.block_size)
+    bsz, length, kvh, d = kc.shape
     group = q.shape[1] // kvh
     qg = q.view(bsz, kvh, group, d)
     scores = torch.matmul(qg, kc.permute(0, 2, 3, 1)).float() * scale  # [B, KVH, G, L]

@@ -31,6 +31,11 @@ def int_tensor(values: list[int] | itertools.chain, dtype: torch.dtype = torch.l
     return torch.frombuffer(buf, dtype=dtype)
 
 
+def slot_of(block_table: list[int], pos: int, block_size: int) -> int:
+    """Flat cache slot of token position pos of a sequence."""
+    return block_table[pos // block_size] * block_size + pos % block_size
+
+
 def padded_tables(tables: list[list[int]]) -> torch.Tensor:
     """Block tables as one [B, width] int32 tensor, rows padded with block 0 (never read: lengths bound)."""
     width = max(len(t) for t in tables)
@@ -50,13 +55,13 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, cache: CacheConfig, max_num_seqs: int, max_model_len: int,
                  use_cuda_graphs: bool = True):
         self.model = model.eval().requires_grad_(False)
-        if next(model.parameters()).is_cuda:
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        if p.is_cuda:
             # cuDNN's SDPA builds a graph per new shape (~1.4 ms of CPU each): with variable-length prefills
             # every call is a new shape, so use FlashAttention-2 / memory-efficient kernels instead.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.cfg: LlamaConfig = model.cfg
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
         self.block_size = cache.block_size
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
@@ -118,8 +123,7 @@ class ModelRunner:
             end = start + it.num_tokens
             ids.extend(seq.token_ids[start:end])
             pos.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            slots.extend(slot_of(seq.block_table, p, bs) for p in range(start, end))
             if it.samples:
                 sample_rows.append(len(ids) - 1)
         if decode:
@@ -135,7 +139,6 @@ class ModelRunner:
             decode_context_lens=dec_lens,
             prefill_query_lens=[it.num_tokens for it in prefill],
             prefill_context_lens=[it.seq.num_computed_tokens + it.num_tokens for it in prefill],
-            prefill_block_tables=[],
             block_size=bs,
             ctx_batch=self._context_batch(prefill, len(decode)),
         )
@@ -192,7 +195,7 @@ class ModelRunner:
         pool = None
         for size in reversed(sizes):
             meta = AttentionMetadata(self.g_slots[:size], size, self.g_tables[:size], self.g_lens[:size],
-                                     [], [], [], self.block_size)
+                                     [], [], self.block_size)
             for _ in range(2):  # warm up (Triton compile, cuBLAS handles) outside capture
                 self.model.logits(self.model.hidden(self.g_ids[:size], self.g_pos[:size], self.kv_caches, meta))
             torch.cuda.synchronize()
@@ -215,7 +218,7 @@ class ModelRunner:
             p = seq.num_computed_tokens
             ids.append(seq.token_ids[p])
             pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            slots.append(slot_of(seq.block_table, p, bs))
             lens.append(p + 1)
         pad = size - b  # padded rows write to the dummy slot and read one cached token
         packed = int_tensor(itertools.chain(ids, [0] * pad, pos, [0] * pad, slots, [self.dummy_slot] * pad,
