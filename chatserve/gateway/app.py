@@ -31,6 +31,15 @@ KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/token
                 "/metrics", "/status"}
 
 
+async def respond(service: ChatService | CompletionService, body: Any) -> Any:
+    """A streaming request gets SSE (the worker stream is opened first, so refusals keep their status);
+    the others get the aggregated response."""
+    if body.stream:
+        events = await service.stream(body)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    return await service.complete(body)
+
+
 def build_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,19 +121,11 @@ def build_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        service: ChatService = request.app.state.chat
-        if body.stream:
-            events = await service.stream(body)
-            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        return await service.complete(body)
+        return await respond(request.app.state.chat, body)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        service: CompletionService = request.app.state.completions
-        if body.stream:
-            events = await service.stream(body)
-            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        return await service.complete(body)
+        return await respond(request.app.state.completions, body)
 
     async def _worker_call(request: Request, model: str, path: str, body: dict) -> Any:
         upstream: Upstream = request.app.state.upstream

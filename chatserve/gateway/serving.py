@@ -68,10 +68,14 @@ class StartedStream:
     model: str = ""
     metrics: GatewayMetrics | None = None
     started_at: float = field(default_factory=time.perf_counter)
+    completion_tokens: int = 0  # summed over the choices' final chunks as they arrive
+    cached_tokens: int = 0
+
+    def usage(self) -> Usage:
+        return Usage.of(self.start.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
     async def rest(self) -> AsyncIterator[GenerateChunk]:
         stamps: list[float] = []
-        completion, cached = 0, 0
         try:
             async for chunk in self.chunks:
                 if chunk.kind == "error":
@@ -79,8 +83,8 @@ class StartedStream:
                 if chunk.text:
                     stamps.append(time.perf_counter())
                 if chunk.finish_reason:
-                    completion += chunk.completion_tokens
-                    cached = max(cached, chunk.cached_tokens)
+                    self.completion_tokens += chunk.completion_tokens
+                    self.cached_tokens = max(self.cached_tokens, chunk.cached_tokens)
                 yield chunk
         except WorkerUnreachable:
             await self.upstream.report_failure(self.worker_id)
@@ -93,7 +97,7 @@ class StartedStream:
             self.metrics.observe_request(self.model, stamps[0] - self.started_at if stamps else None,
                                          [b - a for a, b in zip(stamps, stamps[1:])],
                                          time.perf_counter() - self.started_at, self.start.prompt_tokens,
-                                         completion, cached)
+                                         self.completion_tokens, self.cached_tokens)
 
 
 async def open_stream(upstream: Upstream, model: str, req: GenerateRequest, prefix_key: str | None,
@@ -131,43 +135,36 @@ def resolve_max_tokens(requested: int | None, cap: int) -> tuple[int, bool]:
 class _Choice:
     text: list[str] = field(default_factory=list)
     finish: str | None = None
-    completion_tokens: int = 0
     logprobs: list[Any] = field(default_factory=list)
 
 
-async def collect(started: StartedStream, n: int) -> tuple[list[_Choice], int]:
-    """Aggregate a worker stream of n choices (non-streaming responses). Returns choices, cached tokens."""
+async def collect(started: StartedStream, n: int) -> list[_Choice]:
+    """Aggregate a worker stream of n choices (non-streaming responses); totals are on `started`."""
     choices = [_Choice() for _ in range(n)]
-    cached = 0
     async for chunk in started.rest():
         c = choices[chunk.index]
         c.text.append(chunk.text)
         if chunk.logprobs:
             c.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason:
-            c.finish, c.completion_tokens = chunk.finish_reason, chunk.completion_tokens
-            cached = max(cached, chunk.cached_tokens)
-    return choices, cached
+            c.finish = chunk.finish_reason
+    return choices
 
 
 async def relay(started: StartedStream, render: Callable[[GenerateChunk], str | None],
                 render_usage: Callable[[Usage], str], include_usage: bool) -> AsyncIterator[str]:
     """Relay a worker stream as SSE events: deltas, an error event if the worker fails mid-stream, the
     usage event if asked for, then [DONE]."""
-    completion, cached = 0, 0
     try:
         async for chunk in started.rest():
             event = render(chunk)
             if event is not None:
                 yield event
-            if chunk.finish_reason:
-                completion += chunk.completion_tokens
-                cached = max(cached, chunk.cached_tokens)
     except ChatServeError as exc:
         yield sse_error(exc)
         return
     if include_usage:
-        yield render_usage(Usage.of(started.start.prompt_tokens, completion, cached))
+        yield render_usage(started.usage())
     yield sse_done()
 
 
@@ -199,8 +196,7 @@ class ChatService:
     async def complete(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
         req, key = self.to_generate(body)
         started = await open_stream(self.upstream, body.model, req, key, self.metrics)
-        choices, cached = await collect(started, body.n)
-        prompt_tokens = started.start.prompt_tokens
+        choices = await collect(started, body.n)
         out = []
         for i, c in enumerate(choices):
             lp = None
@@ -208,7 +204,7 @@ class ChatService:
                 lp = _chat_logprobs(GenerateChunk(kind="delta", logprobs=c.logprobs))
             out.append(ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)),
                                   finish_reason=c.finish or "stop", logprobs=lp))  # type: ignore[arg-type]
-        usage = Usage.of(prompt_tokens, sum(c.completion_tokens for c in choices), cached)
+        usage = started.usage()
         return ChatCompletionResponse(id=req.request_id, created=now(), model=body.model,
                                       system_fingerprint=SYSTEM_FINGERPRINT, choices=out, usage=usage)
 
@@ -255,11 +251,10 @@ class CompletionService:
     def to_generate(self, body: CompletionRequest, prompt: str | list[int]) -> GenerateRequest:
         # OpenAI's legacy default for completions is 16 tokens
         max_tokens, _ = resolve_max_tokens(body.max_tokens or 16, self.cap)
-        logprobs = body.logprobs if body.logprobs is not None else None
         return GenerateRequest(
             request_id=new_id("cmpl"), prompt=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=prompt if isinstance(prompt, list) else None, echo=body.echo,
-            params=body.to_sampling_params(max_tokens, logprobs), n=body.n)
+            params=body.to_sampling_params(max_tokens, body.logprobs), n=body.n)
 
     def _prompts(self, body: CompletionRequest) -> list[str | list[int]]:
         prompts = body.prompts()
@@ -275,15 +270,15 @@ class CompletionService:
         for p_index, prompt in enumerate(prompts):
             req = self.to_generate(body, prompt)
             started = await open_stream(self.upstream, body.model, req, None, self.metrics)
-            parts, cached = await collect(started, body.n)
+            parts = await collect(started, body.n)
             echo = (started.start.prompt_text or "") if body.echo else ""
             for i, c in enumerate(parts):
                 choices.append(CompletionChoice(index=p_index * body.n + i, text=echo + "".join(c.text),
                                                 finish_reason=c.finish or "stop",  # type: ignore[arg-type]
                                                 logprobs=_completion_logprobs(c.logprobs) if body.logprobs is not None else None))
-            u = Usage.of(started.start.prompt_tokens, sum(c.completion_tokens for c in parts), cached)
+            u = started.usage()
             usage = Usage.of(usage.prompt_tokens + u.prompt_tokens, usage.completion_tokens + u.completion_tokens,
-                             usage.prompt_tokens_details.cached_tokens + cached)
+                             usage.prompt_tokens_details.cached_tokens + u.prompt_tokens_details.cached_tokens)
         return CompletionResponse(id=rid, created=now(), model=body.model, system_fingerprint=SYSTEM_FINGERPRINT,
                                   choices=choices, usage=usage)
 
