@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -101,6 +102,15 @@ def check_secret(request: Request, secret: str) -> None:
     given = request.headers.get(SECRET_HEADER, "")
     if not hmac.compare_digest(given.encode(), secret.encode()):
         raise AuthenticationError("missing or wrong internal secret")
+
+
+def require_secret(secret: str) -> Callable[[Request], None]:
+    """A route dependency that admits only internal-plane callers (no-op when no secret is set)."""
+
+    def dependency(request: Request) -> None:
+        check_secret(request, secret)
+
+    return dependency
 
 
 def secret_headers(secret: str) -> dict[str, str]:

@@ -13,9 +13,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 
-from chatserve.http import check_secret, install_error_handlers, serve, setup_logging
+from chatserve.http import install_error_handlers, require_secret, serve, setup_logging
 from chatserve.protocol.errors import NotFoundError, ServiceUnavailableError
 from chatserve.protocol.internal import (
     ControllerStatus,
@@ -55,8 +55,7 @@ def build_app(settings: ControllerSettings) -> FastAPI:
     app.state.registry = registry
     install_error_handlers(app)
 
-    def internal(request: Request) -> None:
-        check_secret(request, settings.internal_secret)
+    internal = require_secret(settings.internal_secret)
 
     @app.get("/health")
     async def health() -> dict[str, object]:
@@ -92,7 +91,7 @@ def build_app(settings: ControllerSettings) -> FastAPI:
     async def dispatch(req: DispatchRequest) -> DispatchResponse:
         known = registry.for_model(req.model)
         if not known:
-            if req.model in _ever_served:
+            if req.model in registry.ever_served:
                 raise ServiceUnavailableError(f"no worker is currently serving model '{req.model}'", param="model")
             raise NotFoundError(f"The model '{req.model}' does not exist", param="model", code="model_not_found")
         candidates = [e for e in known if e.worker_id not in req.exclude]
@@ -104,13 +103,6 @@ def build_app(settings: ControllerSettings) -> FastAPI:
             entry.remember(req.prefix_key)
         return DispatchResponse(worker_id=entry.worker_id, address=entry.reg.address,
                                 context_length=entry.reg.context_length)
-
-    _ever_served: set[str] = set()
-
-    @app.middleware("http")
-    async def _track_models(request: Request, call_next):  # type: ignore[no-untyped-def]
-        _ever_served.update(registry.models())
-        return await call_next(request)
 
     @app.get("/models", dependencies=[Depends(internal)])
     async def models() -> ModelsResponse:

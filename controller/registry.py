@@ -43,6 +43,7 @@ class WorkerRegistry:
         self.expiry = expiry
         self.clock = clock
         self.workers: dict[str, WorkerEntry] = {}
+        self.ever_served: set[str] = set()  # a model served once and now without workers is a 503, not a 404
 
     def register(self, reg: WorkerRegistration) -> None:
         old = self.workers.get(reg.worker_id)
@@ -50,6 +51,7 @@ class WorkerRegistry:
         if old is not None:
             entry.prefixes = old.prefixes
         self.workers[reg.worker_id] = entry
+        self.ever_served.update(reg.models)
 
     def heartbeat(self, worker_id: str, load: WorkerLoad) -> bool:
         entry = self.workers.get(worker_id)

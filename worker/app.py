@@ -21,10 +21,10 @@ from typing import Any
 
 import httpx
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from chatserve.http import check_secret, install_error_handlers, secret_headers, serve, setup_logging
+from chatserve.http import install_error_handlers, require_secret, secret_headers, serve, setup_logging
 from chatserve.protocol.errors import BadRequestError, ContextLengthError, OverloadedError, ServiceUnavailableError
 from chatserve.protocol.internal import (
     DetokenizeRequest,
@@ -207,8 +207,7 @@ def build_app(settings: WorkerSettings) -> FastAPI:
     app.state.worker = state
     install_error_handlers(app)
 
-    def internal(request: Request) -> None:
-        check_secret(request, settings.internal_secret)
+    internal = require_secret(settings.internal_secret)
 
     @app.get("/health")
     async def health() -> Any:

@@ -85,3 +85,10 @@ def test_reregistration_keeps_affinity_keys():
     r.workers["a"].remember("conv1")
     r.register(reg("a"))
     assert "conv1" in r.workers["a"].prefixes
+
+
+def test_registry_remembers_models_it_has_served_after_their_workers_leave():
+    r = WorkerRegistry(expiry=10, clock=FakeClock())
+    r.register(reg("a", "x"))
+    r.remove("a")
+    assert "x" in r.ever_served and not r.for_model("x")
