@@ -21,8 +21,6 @@ from chatserve.protocol.errors import (
     AuthenticationError,
     BadRequestError,
     ChatServeError,
-    ErrorInfo,
-    ErrorResponse,
     InternalError,
     NotFoundError,
     RequestTooLargeError,
@@ -115,10 +113,6 @@ def require_secret(secret: str) -> Callable[[Request], None]:
 
 def secret_headers(secret: str) -> dict[str, str]:
     return {SECRET_HEADER: secret} if secret else {}
-
-
-def envelope(message: str, type_: str, code: int, param: str | None = None) -> dict[str, Any]:
-    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()
 
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:

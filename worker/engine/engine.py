@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,16 +49,21 @@ class _Tracked:
 
 
 @dataclass
-class EngineStats:
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    steps: int = 0
-    recent: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens) for throughput
+class ThroughputMeter:
+    """Generated tokens over the last `window` seconds (reported to the controller)."""
 
-    def tokens_per_second(self, window: float = 10.0) -> float:
+    window: float = 10.0
+    recent: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens), oldest first
+
+    def add(self, tokens: int) -> None:
         now = time.monotonic()
-        self.recent = [(t, n) for t, n in self.recent if now - t <= window]
-        return sum(n for _, n in self.recent) / window
+        self.recent.append((now, tokens))
+        while self.recent and now - self.recent[0][0] > self.window:
+            self.recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        return sum(n for t, n in self.recent if now - t <= self.window) / self.window
 
 
 class LLMEngine:
@@ -72,7 +78,7 @@ class LLMEngine:
         self.eos_ids = tuple(runner.cfg.eos_token_ids)
         self.tracked: dict[int, _Tracked] = {}
         self.by_request: dict[str, list[Sequence]] = {}
-        self.stats = EngineStats()
+        self.throughput = ThroughputMeter()
         self.last_step_decode_only = False
         self.pending: list[tuple[Sequence, SampleResult, str | None]] = []
 
@@ -90,7 +96,7 @@ class LLMEngine:
             raise ValueError("prompt is larger than the whole KV cache")
         seqs = []
         for i in range(n):
-            seq = Sequence(request_id, i, list(prompt_token_ids), params, arrival=time.monotonic())
+            seq = Sequence(request_id, i, list(prompt_token_ids), params)
             self.tracked[seq.seq_id] = _Tracked(seq, IncrementalDetokenizer(self.tokenizer), StopChecker(params.stop))
             self.scheduler.add(seq)
             seqs.append(seq)
@@ -127,10 +133,7 @@ class LLMEngine:
         results = queued.results() if queued is not None else []
         live = [(s, r) for s, r in zip(seqs, results) if not s.is_finished]
         self.scheduler.update(batch, {s.seq_id: r.token_id for s, r in live})
-        self.stats.steps += 1
-        self.stats.prompt_tokens += sum(it.num_tokens for it in batch.items if not it.samples or it.num_tokens > 1)
-        self.stats.generation_tokens += len(live)
-        self.stats.recent.append((time.monotonic(), len(live)))
+        self.throughput.add(len(live))
         self.pending = [(s, r, self._finish_early(s, r.token_id)) for s, r in live]
         return outputs
 
@@ -152,8 +155,6 @@ class LLMEngine:
 
     def _advance(self, seq: Sequence, res: SampleResult, reason: str | None) -> SeqOutput:
         tr = self.tracked[seq.seq_id]
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
         text = tr.detok.step(seq.output_token_ids)
         if reason is not None:
             text += tr.detok.flush(seq.output_token_ids)
@@ -187,6 +188,6 @@ class LLMEngine:
             "queue_length": len(self.scheduler.running) + len(self.scheduler.waiting),
             "kv_cache_usage": self.blocks.usage(),
             "kv_capacity_tokens": self.runner.capacity_tokens,
-            "tokens_per_second": self.stats.tokens_per_second(),
+            "tokens_per_second": self.throughput.tokens_per_second(),
             "prefix_cache_hit_rate": (h / q) if q else 0.0,
         }

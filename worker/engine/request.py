@@ -42,8 +42,6 @@ class Sequence:
     last_hash: int | None = None
     finish_reason: str | None = None
     generator: torch.Generator | None = None
-    arrival: float = 0.0
-    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
