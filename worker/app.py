@@ -9,6 +9,7 @@ again from its next heartbeat (it answers `known: false`, the worker re-register
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -29,6 +30,8 @@ from chatserve.protocol.errors import BadRequestError, ContextLengthError, Overl
 from chatserve.protocol.internal import (
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbedRequest,
+    EmbedResponse,
     GenerateChunk,
     GenerateRequest,
     Heartbeat,
@@ -243,6 +246,26 @@ def build_app(settings: WorkerSettings) -> FastAPI:
         loaded, _, _ = state.require_ready()
         check_token_ids(req.tokens, len(loaded.tokenizer), "tokens")
         return DetokenizeResponse(prompt=loaded.tokenizer.decode(req.tokens))
+
+    @app.post("/embed", dependencies=[Depends(internal)])
+    async def embed(req: EmbedRequest) -> EmbedResponse:
+        loaded, engine, renderer = state.require_ready()
+        inputs: list[list[int]] = []
+        for i, item in enumerate(req.inputs):
+            ids = renderer.encode_prompt(item) if isinstance(item, str) else list(item)
+            check_token_ids(ids, len(loaded.tokenizer), "input")
+            if not ids:
+                raise BadRequestError(f"input {i} is empty", param="input")
+            if len(ids) > loaded.context_length:
+                raise ContextLengthError(f"This model's maximum context length is {loaded.context_length} tokens. "
+                                         f"However, input {i} has {len(ids)} tokens.", param="input")
+            inputs.append(ids)
+        try:
+            vectors = await engine.embed(inputs)
+        except EngineDeadError as exc:
+            raise ServiceUnavailableError(str(exc)) from None
+        return EmbedResponse(embeddings=[base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors],
+                             dim=int(vectors[0].shape[0]), prompt_tokens=sum(len(x) for x in inputs))
 
     @app.post("/generate", dependencies=[Depends(internal)])
     async def generate(req: GenerateRequest) -> StreamingResponse:

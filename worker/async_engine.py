@@ -38,6 +38,15 @@ def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
         queue_.put_nowait(item)
 
 
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    if future.done():  # the caller went away
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
 def merge_outputs(items: list[Any]) -> list[Any]:
     """Coalesce consecutive deltas of the same choice (text, tokens and logprobs concatenated), so under
     load the HTTP path carries one chunk per choice per read instead of one per token. Order is kept."""
@@ -109,6 +118,15 @@ class AsyncEngine:
                 self._cmds.put(("abort", request_id))
                 self._wake.set()
 
+    async def embed(self, inputs: list[list[int]]) -> list[Any]:
+        """Embeddings of token-id inputs, computed on the engine thread between two steps."""
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._cmds.put(("embed", (inputs, future)))
+        self._wake.set()
+        return await future
+
     # --- engine thread ------------------------------------------------------------------------------
 
     def _deliver(self, request_id: str, item: Any) -> None:
@@ -142,6 +160,14 @@ class AsyncEngine:
                     self._deliver(request_id, exc)
             elif cmd == "abort":
                 self.engine.abort(arg)
+            elif cmd == "embed":
+                inputs, future = arg
+                try:
+                    result: Any = self.engine.embed(inputs)
+                except Exception as exc:  # noqa: BLE001 - the caller gets it; the engine keeps serving
+                    log.exception("embedding failed")
+                    result = exc
+                future.get_loop().call_soon_threadsafe(_settle, future, result)
 
     def _run(self) -> None:
         while not self._stop:

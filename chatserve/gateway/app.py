@@ -1,9 +1,10 @@
-"""Gateway routes (thin): /v1/models, /v1/chat/completions, /v1/completions, /tokenize, /detokenize,
+"""Gateway routes (thin): /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /tokenize, /detokenize,
 /health. Auth (Bearer API keys, constant-time), body-size limit, CORS, and the error envelope.
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -11,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -19,15 +21,31 @@ from chatserve.gateway.metrics import GatewayMetrics
 from chatserve.gateway.serving import ChatService, CompletionService
 from chatserve.gateway.upstream import Upstream, WorkerUnreachable
 from chatserve.http import error_response, install_error_handlers, serve, setup_logging
-from chatserve.protocol.errors import AuthenticationError, NotFoundError, RequestTooLargeError, ServiceUnavailableError
-from chatserve.protocol.internal import DetokenizeRequest, TokenizeRequest
-from chatserve.protocol.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from chatserve.protocol.errors import (
+    AuthenticationError,
+    BadRequestError,
+    NotFoundError,
+    RequestTooLargeError,
+    ServiceUnavailableError,
+)
+from chatserve.protocol.internal import DetokenizeRequest, EmbedResponse, TokenizeRequest
+from chatserve.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    ModelCard,
+    ModelList,
+)
 from chatserve.settings import GatewaySettings
 
 log = logging.getLogger("chatserve.gateway")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+MAX_EMBEDDING_INPUTS = 2048
+KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize", "/health",
                 "/metrics", "/status"}
 
 
@@ -38,6 +56,19 @@ async def respond(service: ChatService | CompletionService, body: Any) -> Any:
         events = await service.stream(body)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     return await service.complete(body)
+
+
+def encode_embedding(b64: str, dimensions: int | None, encoding_format: str) -> list[float] | str:
+    """A worker's base64 float32 vector, shortened to `dimensions` (and normalised again) if asked."""
+    if dimensions is None and encoding_format == "base64":
+        return b64
+    vec = np.frombuffer(base64.b64decode(b64), dtype="<f4")
+    if dimensions is not None:
+        vec = vec[:dimensions]
+        vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
+    if encoding_format == "base64":
+        return base64.b64encode(vec.astype("<f4").tobytes()).decode()
+    return vec.tolist()
 
 
 def build_app(settings: GatewaySettings) -> FastAPI:
@@ -127,14 +158,35 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await respond(request.app.state.completions, body)
 
-    async def _worker_call(request: Request, model: str, path: str, body: dict) -> Any:
+    async def _worker_call(request: Request, model: str, path: str, body: dict, timeout: float = 30.0) -> Any:
+        """A unary call to a worker of `model`, retried on another worker if the first is unreachable."""
         upstream: Upstream = request.app.state.upstream
-        worker = await upstream.dispatch(model, None, [])
-        try:
-            return await upstream.worker_call(worker, path, body)
-        except WorkerUnreachable:
-            await upstream.report_failure(worker.worker_id)
-            raise ServiceUnavailableError(f"the worker for model '{model}' is unreachable") from None
+        tried: list[str] = []
+        for _ in range(2):
+            worker = await upstream.dispatch(model, None, tried)
+            try:
+                return await upstream.worker_call(worker, path, body, timeout)
+            except WorkerUnreachable:
+                tried.append(worker.worker_id)
+                await upstream.report_failure(worker.worker_id)
+        raise ServiceUnavailableError(f"no reachable worker for model '{model}'")
+
+    @app.post("/v1/embeddings", dependencies=[Depends(auth)])
+    async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+        inputs = body.inputs()
+        if not inputs or any(len(x) == 0 for x in inputs):
+            raise BadRequestError("input must be a non-empty string, or a non-empty list of non-empty strings "
+                                  "or token-id lists", param="input")
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise BadRequestError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+        out = EmbedResponse(**await _worker_call(request, body.model, "/embed", {"inputs": inputs}, timeout=600.0))
+        if body.dimensions is not None and body.dimensions > out.dim:
+            raise BadRequestError(f"dimensions must be at most {out.dim} for this model", param="dimensions")
+        metrics.prompt_tokens.labels(body.model).inc(out.prompt_tokens)
+        data = [EmbeddingData(index=i, embedding=encode_embedding(e, body.dimensions, body.encoding_format))
+                for i, e in enumerate(out.embeddings)]
+        return EmbeddingResponse(data=data, model=body.model,
+                                 usage=EmbeddingUsage(prompt_tokens=out.prompt_tokens, total_tokens=out.prompt_tokens))
 
     @app.post("/tokenize", dependencies=[Depends(auth)])
     async def tokenize(body: TokenizeRequest, request: Request) -> Any:

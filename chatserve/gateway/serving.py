@@ -184,13 +184,13 @@ class ChatService:
         self.metrics = metrics
 
     def to_generate(self, body: ChatCompletionRequest) -> tuple[GenerateRequest, str | None]:
-        if body.response_format is not None and body.response_format.type != "text":
-            raise BadRequestError("only response_format type 'text' is supported", param="response_format")
         messages = [Message(**m.plain()) for m in body.messages]
         max_tokens, unset = resolve_max_tokens(body.requested_max_tokens(), self.cap)
+        params = body.to_sampling_params(max_tokens, body.requested_logprobs())
+        if body.response_format is not None:
+            params.response_format = body.response_format.type
         req = GenerateRequest(request_id=new_id("chatcmpl"), messages=messages, chat_template=body.chat_template,
-                              params=body.to_sampling_params(max_tokens, body.requested_logprobs()),
-                              n=body.n, max_tokens_unset=unset)
+                              params=params, n=body.n, max_tokens_unset=unset)
         return req, conversation_key(body.model, messages)
 
     async def complete(self, body: ChatCompletionRequest) -> ChatCompletionResponse:

@@ -91,9 +91,9 @@ class Upstream:
         except ChatServeError:
             pass
 
-    async def worker_call(self, worker: DispatchResponse, path: str, body: dict) -> dict:
+    async def worker_call(self, worker: DispatchResponse, path: str, body: dict, timeout: float = 30.0) -> dict:
         try:
-            resp = await self.client.post(worker.address + path, json=body, headers=self.headers, timeout=30.0)
+            resp = await self.client.post(worker.address + path, json=body, headers=self.headers, timeout=timeout)
         except httpx.HTTPError as exc:
             raise WorkerUnreachable(str(exc)) from exc
         if resp.status_code >= 400:

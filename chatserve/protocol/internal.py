@@ -153,3 +153,14 @@ class DetokenizeRequest(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[str] | list[list[int]] = Field(min_length=1)
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[str]  # base64 of little-endian float32 vectors (mean-pooled, L2-normalised)
+    dim: int
+    prompt_tokens: int

@@ -59,8 +59,10 @@ class StreamOptions(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    """`json_object`: the reply is constrained, token by token, to a JSON object (json_schema is refused)."""
+
     model_config = ConfigDict(extra="forbid")
-    type: Literal["text"] = "text"
+    type: Literal["text", "json_object"] = "text"
 
 
 class _GenerationFields(BaseModel):
@@ -171,6 +173,25 @@ class CompletionRequest(_GenerationFields):
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = Field(None, max_length=256)
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The input field as a list of texts or of token-id lists."""
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if x and all(isinstance(t, int) for t in x):
+            return [list(x)]  # type: ignore[list-item]
+        return list(x)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,3 +315,21 @@ class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

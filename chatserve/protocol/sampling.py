@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -22,6 +24,7 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[int, float] | None = None
+    response_format: Literal["text", "json_object"] = "text"  # json_object: constrained to a JSON object
 
     @property
     def greedy(self) -> bool:

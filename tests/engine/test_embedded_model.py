@@ -58,3 +58,32 @@ def test_bf16_default_answers_paris():
     while engine.has_unfinished():
         text += [o.text for o in engine.step()]
     assert "Paris" in "".join(text)
+
+
+def test_json_object_mode_yields_json_objects_greedy_and_sampled(embedded):
+    import json
+
+    from worker.engine.json_constraint import INITIAL, feed
+
+    loaded, _ = embedded
+    tok = loaded.tokenizer
+    engine = LLMEngine(ModelRunner(loaded.model, CacheConfig(cpu_cache_tokens=4096), 8, 2048), tok, max_num_seqs=8,
+                       max_batched_tokens=256)
+    prompts = ["What is the capital of France? Answer in JSON.", "Describe a cat as a JSON object.", "Hello!"]
+    for i, p in enumerate(prompts):
+        params = SamplingParams(max_tokens=96, temperature=0 if i == 0 else 1.0, seed=i, response_format="json_object")
+        engine.add_request(str(i), chat_ids(tok, p), params, n=2 if i else 1)
+    texts: dict[tuple[str, int], str] = {}
+    reasons: dict[tuple[str, int], str] = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            texts[o.request_id, o.index] = texts.get((o.request_id, o.index), "") + o.text
+            if o.finished:
+                reasons[o.request_id, o.index] = o.finish_reason
+    assert len(reasons) == 5
+    for key, text in texts.items():
+        if reasons[key] == "stop":
+            assert isinstance(json.loads(text), dict), text
+        else:  # cut by max_tokens: still a valid beginning of a JSON object
+            assert reasons[key] == "length" and feed(INITIAL, text.encode()) is not None, text
+    assert json.loads(texts["0", 0]) == {"city": "Paris"} or "Paris" in texts["0", 0]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from tests.engine.conftest import engine_for, greedy, hf_greedy, run, tiny_hf
 
 
@@ -89,3 +91,17 @@ def test_stop_string_found_a_step_late_drops_the_extra_token(hf_model):
     assert "".join(text) == "".join(f" {t}" for t in ref[:4])
     assert tokens == ref[:6] and last.finish_reason == "stop" and last.completion_tokens == 6
     assert engine.blocks.num_free == 64
+
+
+def test_embeddings_equal_mean_pooled_transformers_hidden_states(hf_model):
+    engine = engine_for(hf_model)
+    inputs = [[5, 6, 7], list(range(1, 40)), [9], [3, 4] * 20, [7, 8, 9, 10]]
+    vectors = engine.embed(inputs)
+    for ids, vec in zip(inputs, vectors):
+        with torch.no_grad():
+            hidden = hf_model.model(torch.tensor([ids])).last_hidden_state[0]
+        ref = torch.nn.functional.normalize(hidden.mean(0), dim=-1)
+        torch.testing.assert_close(vec, ref, atol=1e-5, rtol=1e-5)
+    # batching (padding, sorting by length) changes nothing
+    alone = engine.runner.embed([inputs[1]])[0]
+    torch.testing.assert_close(alone, vectors[1], atol=1e-5, rtol=1e-5)

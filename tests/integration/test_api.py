@@ -113,6 +113,8 @@ def test_malformed_json_is_400_in_openai_envelope(platform):
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 100}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
+     "response_format.type"),
 ])
 def test_invalid_fields_are_400_naming_the_field(platform, body, param):
     r = httpx.post(f"{platform.api_url}/chat/completions", json={"model": platform.model, **body})
@@ -191,3 +193,51 @@ def test_logprobs_n_seed_and_echo(client, platform):
                                      temperature=0, logprobs=2, echo=True)
     assert comp.choices[0].text.startswith("The capital of France is")
     assert len(comp.choices[0].logprobs.tokens) == 4
+
+
+def test_json_object_response_format_parses_stream_and_non_stream(client, platform):
+    import json
+
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+    r = ask(client, platform.model, messages, max_tokens=64, response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    stream = ask(client, platform.model, messages, max_tokens=64, response_format={"type": "json_object"},
+                 stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert json.loads(text) == json.loads(r.choices[0].message.content)
+
+
+def test_embeddings_through_the_sdk(client, platform):
+    import numpy as np
+
+    texts = ["The cat sat on the mat.", "A cat is sitting on a mat.", "Quarterly revenue grew five percent."]
+    r = client.embeddings.create(model=platform.model, input=texts)  # the SDK asks for base64 and decodes it
+    vecs = np.array([d.embedding for d in r.data])
+    assert [d.index for d in r.data] == [0, 1, 2] and vecs.shape[0] == 3
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+    assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]  # the paraphrase is nearer than the unrelated sentence
+    assert r.usage.prompt_tokens == r.usage.total_tokens > 10
+    plain = httpx.post(f"{platform.api_url}/embeddings", json={"model": platform.model, "input": texts[0],
+                                                               "encoding_format": "float"}).json()
+    np.testing.assert_allclose(plain["data"][0]["embedding"], vecs[0], atol=1e-6)
+    ids = httpx.post(platform.gateway.url + "/tokenize", json={"model": platform.model, "prompt": texts[0]}).json()
+    by_ids = client.embeddings.create(model=platform.model, input=ids["tokens"], encoding_format="float")
+    np.testing.assert_allclose(by_ids.data[0].embedding, vecs[0], atol=1e-5)
+    short = client.embeddings.create(model=platform.model, input=texts[0], dimensions=64)
+    assert len(short.data[0].embedding) == 64 and abs(np.linalg.norm(short.data[0].embedding) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": ""}, "input"),
+    ({"input": []}, "input"),
+    ({"input": ["ok", ""]}, "input"),
+    ({"input": "hello " * 3000}, "input"),
+    ({"input": [10**9]}, "input"),
+    ({"input": "x", "dimensions": 100000}, "dimensions"),
+    ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+])
+def test_bad_embedding_requests_are_400(platform, body, param):
+    r = httpx.post(f"{platform.api_url}/embeddings", json={"model": platform.model, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

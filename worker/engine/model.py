@@ -146,6 +146,17 @@ class Attention(nn.Module):
             o = paged_attention(q, k, v.view(t, self.kvh, self.d), kv[0], kv[1], meta, self.scale)
         return self.o_proj(o.reshape(t, self.h * self.d))
 
+    def dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Cache-free causal attention over a right-padded batch x [B, L, dim] (embeddings)."""
+        b, n = x.shape[:2]
+        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
+        q = apply_rope(q.view(b, n, self.h, self.d), cos, sin).transpose(1, 2)
+        k = apply_rope(k.view(b, n, self.kvh, self.d), cos, sin).transpose(1, 2)
+        v = v.view(b, n, self.kvh, self.d).transpose(1, 2)
+        o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                       enable_gqa=self.h != self.kvh)
+        return self.o_proj(o.transpose(1, 2).reshape(b, n, self.h * self.d))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -198,6 +209,19 @@ class LlamaModel(nn.Module):
         rope = self.rope(positions)
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, rope, kv, meta)
+        return self.norm(x)
+
+    def dense_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """A right-padded batch [B, L] without the KV cache -> final-normed hidden states [B, L, dim]. Causal
+        attention keeps each sequence's real tokens blind to the padding after them."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq.to(input_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)[None, :, None, :]  # [1, L, 1, head_dim]
+        cos, sin = emb.cos(), emb.sin()
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = x + layer.self_attn.dense(layer.input_layernorm(x), cos, sin)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -181,6 +181,31 @@ class ModelRunner:
         return self.model.logits(hidden[self._to_device(int_tensor(rows))]), seqs
 
     @torch.inference_mode()
+    @torch.inference_mode()
+    def embed(self, inputs: list[list[int]], max_batch_tokens: int = 8192) -> list[torch.Tensor]:
+        """Mean-pooled, L2-normalised final hidden states (fp32, on the CPU), one per input, in order.
+        Inputs are sorted by length and run in padded batches of at most `max_batch_tokens`."""
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        out: list[torch.Tensor | None] = [None] * len(inputs)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end + 1 - start) * len(inputs[order[end]]) <= max_batch_tokens:
+                end += 1
+            group = order[start:end]
+            width = len(inputs[group[-1]])
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros(len(group), width, 1)
+            for row, i in enumerate(group):
+                ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
+                mask[row, : len(inputs[i])] = 1.0
+            hidden = self.model.dense_hidden(ids.to(self.device)).float().cpu()
+            pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+            for row, i in enumerate(group):
+                out[i] = pooled[row]
+            start = end
+        return out  # type: ignore[return-value]
+
     def _capture_graphs(self, max_num_seqs: int) -> None:
         sizes = [s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
                  if s <= max(1, max_num_seqs)]

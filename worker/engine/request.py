@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,6 +43,7 @@ class Sequence:
     last_hash: int | None = None
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    constraint: Any = None  # e.g. a JsonConstraint: masks the tokens that may follow
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

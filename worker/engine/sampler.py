@@ -94,6 +94,10 @@ def sample_launch(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int
         if seq.params.logit_bias:
             ids = torch.tensor(list(seq.params.logit_bias), device=logits.device)
             logits[i, ids] += torch.tensor(list(seq.params.logit_bias.values()), device=logits.device)
+    for i, seq in enumerate(seqs):
+        if seq.constraint is not None:
+            allowed = seq.constraint.mask(seq.output_token_ids, logits.shape[1], logits.device)
+            logits[i].masked_fill_(~allowed, float("-inf"))
     _mask_eos(logits, seqs, eos_ids)
 
     vocab = logits.shape[1]
