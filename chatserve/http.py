@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +60,9 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ChatServeError)
     async def _chatserve(_: Request, exc: ChatServeError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status_code in (429, 503) else None
+        headers = None
+        if exc.status_code in (429, 503):
+            headers = {"Retry-After": str(max(1, math.ceil(getattr(exc, "retry_after", 1))))}
         return error_response(exc, headers)
 
     @app.exception_handler(RequestValidationError)

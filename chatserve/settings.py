@@ -127,6 +127,9 @@ class GatewaySettings(BaseSettings):
     port: int = 8000
     controller_url: str = field(default="http://127.0.0.1:21001", metadata={"help": "controller base URL"})
     api_keys: list[str] = field(default_factory=list, metadata={"help": "comma-separated API keys ('' = no auth)"})
+    api_keys_file: str = field(default="", metadata={"help": "file of API keys, one per line: KEY [rpm=N] [tpm=N]"})
+    rate_limit_rpm: int = field(default=0, metadata={"help": "requests per minute per key (0 = unlimited)"})
+    rate_limit_tpm: int = field(default=0, metadata={"help": "tokens per minute per key (0 = unlimited)"})
     internal_secret: str = field(default="", metadata={"help": "shared secret of the internal plane"})
     max_tokens_cap: int = field(default=4096, metadata={"help": "largest max_tokens accepted"})
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest request body"})

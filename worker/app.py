@@ -26,7 +26,12 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from chatserve.http import install_error_handlers, require_secret, secret_headers, serve, setup_logging
-from chatserve.protocol.errors import BadRequestError, ContextLengthError, OverloadedError, ServiceUnavailableError
+from chatserve.protocol.errors import (
+    BadRequestError,
+    ContextLengthError,
+    OverloadedError,
+    ServiceUnavailableError,
+)
 from chatserve.protocol.internal import (
     DetokenizeRequest,
     DetokenizeResponse,

@@ -5,9 +5,8 @@
 from __future__ import annotations
 
 import base64
-import hmac
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,12 +16,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from chatserve.gateway.limits import KeyPolicy, KeyRing, parse_key_file
 from chatserve.gateway.metrics import GatewayMetrics
 from chatserve.gateway.serving import ChatService, CompletionService
 from chatserve.gateway.upstream import Upstream, WorkerUnreachable
 from chatserve.http import error_response, install_error_handlers, serve, setup_logging
 from chatserve.protocol.errors import (
-    AuthenticationError,
     BadRequestError,
     NotFoundError,
     RequestTooLargeError,
@@ -49,13 +48,13 @@ KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v
                 "/metrics", "/status"}
 
 
-async def respond(service: ChatService | CompletionService, body: Any) -> Any:
+async def respond(service: ChatService | CompletionService, body: Any, charge: Callable[[int], None]) -> Any:
     """A streaming request gets SSE (the worker stream is opened first, so refusals keep their status);
     the others get the aggregated response."""
     if body.stream:
-        events = await service.stream(body)
+        events = await service.stream(body, charge)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    return await service.complete(body)
+    return await service.complete(body, charge)
 
 
 def encode_embedding(b64: str, dimensions: int | None, encoding_format: str) -> list[float] | str:
@@ -90,7 +89,10 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
-    keys = [k.encode() for k in settings.api_keys]
+    keys = {k: KeyPolicy() for k in settings.api_keys}
+    if settings.api_keys_file:
+        keys.update(parse_key_file(settings.api_keys_file))
+    ring = KeyRing(keys, KeyPolicy(settings.rate_limit_rpm, settings.rate_limit_tpm))
 
     @app.middleware("http")
     async def body_limit_and_count(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -104,18 +106,16 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         metrics.requests.labels(route, str(response.status_code)).inc()
         return response
 
-    def auth(request: Request) -> None:
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode() if scheme.lower() == "bearer" else b""
-        ok = False
-        for key in keys:  # compare against every key, constant time each
-            ok |= hmac.compare_digest(given, key)
-        if not ok:
-            raise AuthenticationError("Incorrect API key provided." if given else "Missing API key "
-                                      "(send 'Authorization: Bearer <key>').", code="invalid_api_key")
+    def auth(request: Request) -> str:
+        """The caller's identity for limits: its API key, or its address when no keys are set."""
+        if ring.enabled:
+            return ring.identify(request.headers.get("authorization", ""))
+        return "client:" + (request.client.host if request.client else "?")
+
+    def limited(key: str = Depends(auth)) -> Callable[[int], None]:
+        """Admit a generation request under the caller's limits; returns how to charge its tokens."""
+        ring.admit(key)
+        return lambda tokens: ring.charge(key, tokens)
 
     def metrics_auth(request: Request) -> None:
         if not settings.metrics_open:
@@ -150,13 +150,15 @@ def build_app(settings: GatewaySettings) -> FastAPI:
                 return ModelCard(id=m.name, max_model_len=m.context_length)
         raise NotFoundError(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        return await respond(request.app.state.chat, body)
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request,
+                               charge: Callable[[int], None] = Depends(limited)) -> Any:
+        return await respond(request.app.state.chat, body, charge)
 
-    @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await respond(request.app.state.completions, body)
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request,
+                          charge: Callable[[int], None] = Depends(limited)) -> Any:
+        return await respond(request.app.state.completions, body, charge)
 
     async def _worker_call(request: Request, model: str, path: str, body: dict, timeout: float = 30.0) -> Any:
         """A unary call to a worker of `model`, retried on another worker if the first is unreachable."""
@@ -171,8 +173,9 @@ def build_app(settings: GatewaySettings) -> FastAPI:
                 await upstream.report_failure(worker.worker_id)
         raise ServiceUnavailableError(f"no reachable worker for model '{model}'")
 
-    @app.post("/v1/embeddings", dependencies=[Depends(auth)])
-    async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request,
+                         charge: Callable[[int], None] = Depends(limited)) -> EmbeddingResponse:
         inputs = body.inputs()
         if not inputs or any(len(x) == 0 for x in inputs):
             raise BadRequestError("input must be a non-empty string, or a non-empty list of non-empty strings "
@@ -183,6 +186,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         if body.dimensions is not None and body.dimensions > out.dim:
             raise BadRequestError(f"dimensions must be at most {out.dim} for this model", param="dimensions")
         metrics.prompt_tokens.labels(body.model).inc(out.prompt_tokens)
+        charge(out.prompt_tokens)
         data = [EmbeddingData(index=i, embedding=encode_embedding(e, body.dimensions, body.encoding_format))
                 for i, e in enumerate(out.embeddings)]
         return EmbeddingResponse(data=data, model=body.model,

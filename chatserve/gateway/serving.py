@@ -45,6 +45,7 @@ from chatserve.protocol.openai import (
 log = logging.getLogger("chatserve.gateway")
 
 MAX_ATTEMPTS = 3
+Charge = Callable[[int], None] | None
 SYSTEM_FINGERPRINT = "fp_chatserve"
 
 
@@ -68,6 +69,7 @@ class StartedStream:
     model: str = ""
     metrics: GatewayMetrics | None = None
     started_at: float = field(default_factory=time.perf_counter)
+    charge: Callable[[int], None] | None = None  # told the tokens used when the stream ends (rate limits)
     completion_tokens: int = 0  # summed over the choices' final chunks as they arrive
     cached_tokens: int = 0
 
@@ -93,6 +95,8 @@ class StartedStream:
             # a client that went away closes this generator: close the worker stream at once, so the
             # worker sees the disconnect and aborts the request in its engine
             await self.chunks.aclose()  # type: ignore[attr-defined]
+            if self.charge is not None:
+                self.charge(self.start.prompt_tokens + self.completion_tokens)
         if self.metrics is not None:
             self.metrics.observe_request(self.model, stamps[0] - self.started_at if stamps else None,
                                          [b - a for a, b in zip(stamps, stamps[1:])],
@@ -101,7 +105,8 @@ class StartedStream:
 
 
 async def open_stream(upstream: Upstream, model: str, req: GenerateRequest, prefix_key: str | None,
-                      metrics: GatewayMetrics | None = None) -> StartedStream:
+                      metrics: GatewayMetrics | None = None,
+                      charge: Callable[[int], None] | None = None) -> StartedStream:
     started_at = time.perf_counter()
     tried: list[str] = []
     last: Exception | None = None
@@ -119,7 +124,7 @@ async def open_stream(upstream: Upstream, model: str, req: GenerateRequest, pref
         except StopAsyncIteration:
             tried.append(worker.worker_id)
             continue
-        return StartedStream(start, chunks, worker.worker_id, upstream, model, metrics, started_at)
+        return StartedStream(start, chunks, worker.worker_id, upstream, model, metrics, started_at, charge)
     raise ServiceUnavailableError(f"no worker could serve model '{model}'") from last
 
 
@@ -193,9 +198,9 @@ class ChatService:
                               params=params, n=body.n, max_tokens_unset=unset)
         return req, conversation_key(body.model, messages)
 
-    async def complete(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
+    async def complete(self, body: ChatCompletionRequest, charge: Charge = None) -> ChatCompletionResponse:
         req, key = self.to_generate(body)
-        started = await open_stream(self.upstream, body.model, req, key, self.metrics)
+        started = await open_stream(self.upstream, body.model, req, key, self.metrics, charge)
         choices = await collect(started, body.n)
         out = []
         for i, c in enumerate(choices):
@@ -208,10 +213,10 @@ class ChatService:
         return ChatCompletionResponse(id=req.request_id, created=now(), model=body.model,
                                       system_fingerprint=SYSTEM_FINGERPRINT, choices=out, usage=usage)
 
-    async def stream(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def stream(self, body: ChatCompletionRequest, charge: Charge = None) -> AsyncIterator[str]:
         """Opens the worker stream first (errors raise before any byte is sent), then yields SSE events."""
         req, key = self.to_generate(body)
-        started = await open_stream(self.upstream, body.model, req, key, self.metrics)
+        started = await open_stream(self.upstream, body.model, req, key, self.metrics, charge)
         return self._events(body, req.request_id, started)
 
     async def _events(self, body: ChatCompletionRequest, rid: str, started: StartedStream) -> AsyncIterator[str]:
@@ -264,12 +269,12 @@ class CompletionService:
             raise BadRequestError("at most 64 prompts x n per request", param="prompt")
         return prompts
 
-    async def complete(self, body: CompletionRequest) -> CompletionResponse:
+    async def complete(self, body: CompletionRequest, charge: Charge = None) -> CompletionResponse:
         prompts = self._prompts(body)
         rid, choices, usage = new_id("cmpl"), [], Usage()
         for p_index, prompt in enumerate(prompts):
             req = self.to_generate(body, prompt)
-            started = await open_stream(self.upstream, body.model, req, None, self.metrics)
+            started = await open_stream(self.upstream, body.model, req, None, self.metrics, charge)
             parts = await collect(started, body.n)
             echo = (started.start.prompt_text or "") if body.echo else ""
             for i, c in enumerate(parts):
@@ -282,12 +287,12 @@ class CompletionService:
         return CompletionResponse(id=rid, created=now(), model=body.model, system_fingerprint=SYSTEM_FINGERPRINT,
                                   choices=choices, usage=usage)
 
-    async def stream(self, body: CompletionRequest) -> AsyncIterator[str]:
+    async def stream(self, body: CompletionRequest, charge: Charge = None) -> AsyncIterator[str]:
         prompts = self._prompts(body)
         if len(prompts) != 1:
             raise BadRequestError("streaming supports one prompt per request", param="prompt")
         req = self.to_generate(body, prompts[0])
-        started = await open_stream(self.upstream, body.model, req, None, self.metrics)
+        started = await open_stream(self.upstream, body.model, req, None, self.metrics, charge)
         return self._events(body, req.request_id, started)
 
     async def _events(self, body: CompletionRequest, rid: str, started: StartedStream) -> AsyncIterator[str]:

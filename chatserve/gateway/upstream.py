@@ -21,7 +21,13 @@ from chatserve.protocol.errors import (
     ServiceUnavailableError,
     error_from_envelope,
 )
-from chatserve.protocol.internal import DispatchRequest, DispatchResponse, GenerateChunk, GenerateRequest, ModelsResponse
+from chatserve.protocol.internal import (
+    DispatchRequest,
+    DispatchResponse,
+    GenerateChunk,
+    GenerateRequest,
+    ModelsResponse,
+)
 
 log = logging.getLogger("chatserve.gateway")
 

@@ -67,8 +67,18 @@ class RequestTooLargeError(ChatServeError):
 
 
 class OverloadedError(ChatServeError):
+    """A queue is full: try again shortly."""
+
     status_code = 429
     error_type = "RateLimitError"
+
+
+class RateLimitError(OverloadedError):
+    """A key is over its requests- or tokens-per-minute limit; `retry_after` says when it frees up."""
+
+    def __init__(self, message: str, *, retry_after: float, code: int | str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
 
 
 class ServiceUnavailableError(ChatServeError):

@@ -14,9 +14,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def keyed_gateway(platform, request) -> Iterator[procs.Service]:
+def keyed_gateway(platform, request, tmp_path_factory) -> Iterator[procs.Service]:
+    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    key_file.write_text("# team keys\nslow-key rpm=2   # two requests a minute\nthrifty-key tpm=30\n\n")
     g = procs.gateway(platform.controller.url, "--api-keys", "key-one,key-two", "--max-body-bytes", "4000",
-                      "--max-tokens-cap", "64")
+                      "--max-tokens-cap", "64", "--api-keys-file", str(key_file),
+                      "--cors-origins", "https://chat.example.org")
     g.start()
     request.node.services = [g]
     g.wait(ok=procs.gateway_has_models)
@@ -44,3 +47,40 @@ def test_oversized_body_is_413_and_max_tokens_over_the_cap_is_400(keyed_gateway,
     r = httpx.post(keyed_gateway.url + "/v1/chat/completions", headers=headers, json={
         "model": platform.model, "max_tokens": 65, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def chat(gateway: procs.Service, key: str, model: str) -> httpx.Response:
+    return httpx.post(gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                      json={"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_keys_from_the_file_work_and_their_request_limit_gives_429_with_retry_after(keyed_gateway, platform):
+    assert chat(keyed_gateway, "slow-key", platform.model).status_code == 200
+    assert chat(keyed_gateway, "slow-key", platform.model).status_code == 200
+    r = chat(keyed_gateway, "slow-key", platform.model)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    sdk = openai.OpenAI(base_url=keyed_gateway.url + "/v1", api_key="slow-key", max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        sdk.chat.completions.create(model=platform.model, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert chat(keyed_gateway, "key-one", platform.model).status_code == 200  # other keys are not affected
+
+
+def test_token_limit_counts_prompt_and_completion_tokens(keyed_gateway, platform):
+    first = chat(keyed_gateway, "thrifty-key", platform.model)
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 30
+    r = chat(keyed_gateway, "thrifty-key", platform.model)
+    assert r.status_code == 429 and "tokens per minute" in r.json()["error"]["message"]
+
+
+def test_cors_admits_only_the_configured_origin_without_credentials(keyed_gateway):
+    def preflight(origin: str) -> httpx.Response:
+        return httpx.options(keyed_gateway.url + "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+
+    ok = preflight("https://chat.example.org")
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://chat.example.org"
+    assert "access-control-allow-credentials" not in ok.headers
+    bad = preflight("https://evil.example.com")
+    assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers

@@ -5,7 +5,7 @@ import torch
 from chatserve.protocol.sampling import SamplingParams
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.kv_cache import BlockManager
-from worker.engine.request import Sequence, SeqStatus
+from worker.engine.request import SeqStatus, Sequence
 from worker.engine.sampler import sample
 from worker.engine.scheduler import Scheduler
 from worker.engine.stopping import StopChecker

@@ -15,7 +15,13 @@ from chatserve.protocol.errors import (
     error_from_envelope,
 )
 from chatserve.protocol.internal import GenerateChunk, GenerateRequest, Message
-from chatserve.protocol.openai import ChatCompletionChunk, ChatChunkChoice, ChatCompletionRequest, CompletionRequest, DeltaMessage
+from chatserve.protocol.openai import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DeltaMessage,
+)
 
 
 def test_chat_request_converts_to_sampling_params():

@@ -13,8 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from worker.engine.kv_cache import BlockManager
-from worker.engine.request import Sequence, SeqStatus
-
+from worker.engine.request import SeqStatus, Sequence
 
 GROWTH_CAP = 256  # tokens of future growth reserved per running sequence at admission
 

@@ -1,0 +1,113 @@
+"""API keys and per-key rate limits of the gateway.
+
+Keys come from `--api-keys`/`CHATSERVE_API_KEYS` and from `--api-keys-file`, one key per line with
+optional limits (`KEY rpm=60 tpm=20000`; `#` starts a comment). A request is matched against every key in
+constant time. Limits are sliding one-minute windows per key (per client address when no keys are set):
+requests are counted when admitted, tokens (prompt + completion) when a response finishes; a request
+that arrives over either limit gets 429 with `Retry-After` saying when the window frees up.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatserve.protocol.errors import AuthenticationError, RateLimitError
+
+WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    rpm: int = 0  # requests per minute, 0 = unlimited
+    tpm: int = 0  # tokens per minute, 0 = unlimited
+
+
+def parse_key_file(path: str | Path) -> dict[str, KeyPolicy]:
+    keys: dict[str, KeyPolicy] = {}
+    for n, raw in enumerate(Path(path).read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, *opts = line.split()
+        limits: dict[str, int] = {}
+        for opt in opts:
+            name, _, value = opt.partition("=")
+            if name not in ("rpm", "tpm") or not value.isdigit():
+                raise ValueError(f"{path}:{n}: expected 'KEY [rpm=N] [tpm=N]', got {opt!r}")
+            limits[name] = int(value)
+        keys[key] = KeyPolicy(**limits)
+    return keys
+
+
+@dataclass
+class _Window:
+    requests: deque[float] = field(default_factory=deque)
+    tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    token_sum: int = 0
+
+    def trim(self, now: float) -> None:
+        while self.requests and now - self.requests[0] >= WINDOW_S:
+            self.requests.popleft()
+        while self.tokens and now - self.tokens[0][0] >= WINDOW_S:
+            self.token_sum -= self.tokens.popleft()[1]
+
+
+@dataclass
+class KeyRing:
+    """Which key a request carries (constant time), and whether it is over its limits."""
+
+    keys: dict[str, KeyPolicy]
+    default: KeyPolicy = field(default_factory=KeyPolicy)
+    clock: Callable[[], float] = time.monotonic
+    _windows: dict[str, _Window] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def identify(self, authorization: str) -> str:
+        """The key of an `Authorization: Bearer KEY` header; raises 401 when keys are set and it matches none."""
+        scheme, _, token = authorization.partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        found = ""
+        for key in self.keys:  # every key is compared, so timing tells nothing about which one matched
+            if hmac.compare_digest(given, key.encode()):
+                found = key
+        if not found:
+            raise AuthenticationError("Incorrect API key provided." if given else "Missing API key "
+                                      "(send 'Authorization: Bearer <key>').", code="invalid_api_key")
+        return found
+
+    def policy(self, key: str) -> KeyPolicy:
+        own = self.keys.get(key)
+        if own is None:
+            return self.default
+        return KeyPolicy(own.rpm or self.default.rpm, own.tpm or self.default.tpm)
+
+    def admit(self, key: str) -> None:
+        """Count one request for `key`, or raise 429 if it is over its request or token limit."""
+        policy = self.policy(key)
+        if not (policy.rpm or policy.tpm):
+            return
+        now = self.clock()
+        w = self._windows.setdefault(key, _Window())
+        w.trim(now)
+        if policy.rpm and len(w.requests) >= policy.rpm:
+            raise RateLimitError(f"Rate limit reached: {policy.rpm} requests per minute.",
+                                 retry_after=WINDOW_S - (now - w.requests[0]), code="rate_limit_exceeded")
+        if policy.tpm and w.token_sum >= policy.tpm:
+            raise RateLimitError(f"Rate limit reached: {policy.tpm} tokens per minute.",
+                                 retry_after=WINDOW_S - (now - w.tokens[0][0]), code="rate_limit_exceeded")
+        w.requests.append(now)
+
+    def charge(self, key: str, tokens: int) -> None:
+        if not self.policy(key).tpm or tokens <= 0:
+            return
+        w = self._windows.setdefault(key, _Window())
+        w.tokens.append((self.clock(), tokens))
+        w.token_sum += tokens
