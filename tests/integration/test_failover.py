@@ -3,6 +3,7 @@ the dead one, and the client never sees the failure."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -60,3 +61,27 @@ def test_request_is_retried_on_another_worker_when_its_worker_died(two_workers):
     assert addresses == [b.url]  # the gateway reported the dead worker; the controller dropped it
     assert "failed before the first token" in g.logs()  # the request did go to the dead worker first
     busy.join(timeout=120)
+
+
+def test_worker_killed_mid_stream_ends_the_stream_with_an_error_event_and_is_dropped(two_workers):
+    c, b, g = (two_workers[k] for k in ("controller", "b", "gateway"))
+    body = {"model": MODEL, "stream": True, "max_tokens": 500, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Tell a long story."}]}
+    events: list[str] = []
+    t0 = time.monotonic()
+    with httpx.stream("POST", g.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 4:
+                    b.kill()
+    assert time.monotonic() - t0 < 30  # the stream ended: no hang
+    assert "[DONE]" not in events
+    error = json.loads(events[-1])["error"]
+    assert error["type"] == "ServiceUnavailableError" and set(error) == {"message", "type", "param", "code"}
+    assert all("error" not in json.loads(e) for e in events[:-1])  # deltas, then one error event
+    deadline = time.monotonic() + 3
+    while httpx.get(c.url + "/status").json()["workers"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(c.url + "/status").json()["workers"] == []  # reported by the gateway, dropped at once
