@@ -239,7 +239,7 @@ def build_app(settings: WorkerSettings) -> FastAPI:
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
         loaded, _, renderer = state.require_ready()
         if req.messages is not None:
-            r = renderer.render([m.model_dump() for m in req.messages], None, req.add_generation_prompt)
+            r = render_messages(renderer, req.messages, None, req.add_generation_prompt)
             ids, text = r.token_ids, r.text
         else:
             text = req.prompt or ""
@@ -302,17 +302,22 @@ def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
         raise BadRequestError(f"token id {bad} is out of the vocabulary (0..{vocab - 1})", param=param)
 
 
+def render_messages(renderer: PromptRenderer, messages: list[Any], template: str | None,
+                    add_generation_prompt: bool) -> Any:
+    try:
+        return renderer.render([m.model_dump() for m in messages], template, add_generation_prompt)
+    except KeyError as exc:
+        raise BadRequestError(str(exc.args[0]), param="chat_template") from None
+    except Exception as exc:  # noqa: BLE001 - a template that rejects the message order (jinja raise)
+        raise BadRequestError(f"the chat template cannot render these messages: {exc}", param="messages") from None
+
+
 def prepare(req: GenerateRequest, loaded: LoadedModel, renderer: PromptRenderer) -> tuple[list[int], str, Any]:
     params = req.params.model_copy()
     if params.logit_bias:
         check_token_ids(list(params.logit_bias), len(loaded.tokenizer), "logit_bias")
     if req.messages is not None:
-        try:
-            r = renderer.render([m.model_dump() for m in req.messages], req.chat_template, req.add_generation_prompt)
-        except KeyError as exc:
-            raise BadRequestError(str(exc.args[0]), param="chat_template") from None
-        except Exception as exc:  # noqa: BLE001 - a template that rejects the message order (jinja raise)
-            raise BadRequestError(f"the chat template cannot render these messages: {exc}", param="messages") from None
+        r = render_messages(renderer, req.messages, req.chat_template, req.add_generation_prompt)
         ids, text = r.token_ids, r.text
         params.stop = list(dict.fromkeys([*params.stop, *r.stop]))
         params.stop_token_ids = list(dict.fromkeys([*params.stop_token_ids, *r.stop_token_ids]))
@@ -334,7 +339,7 @@ def prepare(req: GenerateRequest, loaded: LoadedModel, renderer: PromptRenderer)
             raise ContextLengthError(
                 f"This model's maximum context length is {ctx} tokens. However, your messages resulted in "
                 f"{len(ids)} tokens. Please reduce the length of the messages.", param=param_name)
-        params.max_tokens = ctx - len(ids)
+        params.max_tokens = min(params.max_tokens, ctx - len(ids))  # the gateway sent its cap
     elif len(ids) + params.max_tokens > ctx:
         raise ContextLengthError(
             f"This model's maximum context length is {ctx} tokens. However, you requested "

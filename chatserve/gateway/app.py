@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from chatserve.gateway.limits import KeyPolicy, KeyRing, parse_key_file
 from chatserve.gateway.metrics import GatewayMetrics
@@ -23,6 +23,7 @@ from chatserve.gateway.upstream import Upstream, WorkerUnreachable
 from chatserve.http import error_response, install_error_handlers, serve, setup_logging
 from chatserve.protocol.errors import (
     BadRequestError,
+    ErrorResponse,
     NotFoundError,
     RequestTooLargeError,
     ServiceUnavailableError,
@@ -30,7 +31,9 @@ from chatserve.protocol.errors import (
 from chatserve.protocol.internal import DetokenizeRequest, EmbedResponse, TokenizeRequest
 from chatserve.protocol.openai import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
@@ -70,6 +73,11 @@ def encode_embedding(b64: str, dimensions: int | None, encoding_format: str) -> 
     return vec.tolist()
 
 
+def streaming(model: type) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI for a route answering JSON, or server-sent events when the request asks for a stream."""
+    return {200: {"model": model, "content": {"text/event-stream": {}}}}
+
+
 def build_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,7 +91,9 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             yield
 
     metrics = GatewayMetrics()
-    app = FastAPI(title="chatserve API", version="0.1.0", lifespan=lifespan)
+    errors = {status: {"model": ErrorResponse, "description": "An error in the OpenAI envelope"}
+              for status in (400, 401, 404, 413, 429, 500, 503)}
+    app = FastAPI(title="chatserve API", version="0.1.0", lifespan=lifespan, responses=errors)  # type: ignore[arg-type]
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
@@ -121,7 +131,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         if not settings.metrics_open:
             auth(request)
 
-    @app.get("/metrics", dependencies=[Depends(metrics_auth)])
+    @app.get("/metrics", dependencies=[Depends(metrics_auth)], response_class=PlainTextResponse)
     async def prometheus(request: Request) -> Response:
         try:
             metrics.set_workers(await request.app.state.upstream.status())
@@ -150,12 +160,12 @@ def build_app(settings: GatewaySettings) -> FastAPI:
                 return ModelCard(id=m.name, max_model_len=m.context_length)
         raise NotFoundError(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=streaming(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                charge: Callable[[int], None] = Depends(limited)) -> Any:
         return await respond(request.app.state.chat, body, charge)
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=streaming(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request,
                           charge: Callable[[int], None] = Depends(limited)) -> Any:
         return await respond(request.app.state.completions, body, charge)

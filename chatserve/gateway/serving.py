@@ -9,6 +9,7 @@ HTTP status.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -255,7 +256,8 @@ class CompletionService:
 
     def to_generate(self, body: CompletionRequest, prompt: str | list[int]) -> GenerateRequest:
         # OpenAI's legacy default for completions is 16 tokens
-        max_tokens, _ = resolve_max_tokens(body.max_tokens or 16, self.cap)
+        requested = body.max_tokens if body.max_tokens is not None else min(16, self.cap)
+        max_tokens, _ = resolve_max_tokens(requested, self.cap)
         return GenerateRequest(
             request_id=new_id("cmpl"), prompt=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=prompt if isinstance(prompt, list) else None, echo=body.echo,
@@ -271,11 +273,22 @@ class CompletionService:
 
     async def complete(self, body: CompletionRequest, charge: Charge = None) -> CompletionResponse:
         prompts = self._prompts(body)
+
+        async def one(prompt: str | list[int]) -> tuple[StartedStream, list[_Choice]]:
+            started = await open_stream(self.upstream, body.model, self.to_generate(body, prompt), None,
+                                        self.metrics, charge)
+            return started, await collect(started, body.n)
+
         rid, choices, usage = new_id("cmpl"), [], Usage()
-        for p_index, prompt in enumerate(prompts):
-            req = self.to_generate(body, prompt)
-            started = await open_stream(self.upstream, body.model, req, None, self.metrics, charge)
-            parts = await collect(started, body.n)
+        # all prompts are in the engine's batch at once; the first failure cancels the others
+        tasks = [asyncio.ensure_future(one(p)) for p in prompts]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+        for p_index, (started, parts) in enumerate(results):
             echo = (started.start.prompt_text or "") if body.echo else ""
             for i, c in enumerate(parts):
                 choices.append(CompletionChoice(index=p_index * body.n + i, text=echo + "".join(c.text),
