@@ -50,7 +50,8 @@ class BaseSettings:
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help", "")
             env_name = "CHATSERVE_" + f.name.upper()
-            parser.add_argument(flag, dest=f.name, default=None, help=f"{help_text} (env {env_name})",
+            parser.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, default=None,
+                                help=f"{help_text} (env {env_name})",
                                 metavar=None if hints[f.name] is not bool else "BOOL")
         return parser
 
@@ -126,7 +127,8 @@ class GatewaySettings(BaseSettings):
 
     port: int = 8000
     controller_url: str = field(default="http://127.0.0.1:21001", metadata={"help": "controller base URL"})
-    api_keys: list[str] = field(default_factory=list, metadata={"help": "comma-separated API keys ('' = no auth)"})
+    api_keys: list[str] = field(default_factory=list, metadata={"help": "comma-separated API keys ('' = no auth)",
+                                                                "aliases": ["--api-key"]})
     api_keys_file: str = field(default="", metadata={"help": "file of API keys, one per line: KEY [rpm=N] [tpm=N]"})
     rate_limit_rpm: int = field(default=0, metadata={"help": "requests per minute per key (0 = unlimited)"})
     rate_limit_tpm: int = field(default=0, metadata={"help": "tokens per minute per key (0 = unlimited)"})

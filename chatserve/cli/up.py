@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from chatserve.gateway.limits import parse_key_file
+
 
 @dataclass
 class Child:
@@ -38,7 +40,10 @@ def _args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--model-path", default=env.get("CHATSERVE_MODEL_PATH", ""))
     p.add_argument("--model-name", default=env.get("CHATSERVE_MODEL_NAME", ""))
     p.add_argument("--context-length", default=env.get("CHATSERVE_CONTEXT_LENGTH", "2048"))
-    p.add_argument("--api-key", default=env.get("CHATSERVE_API_KEYS", ""), help="comma-separated API keys")
+    p.add_argument("--api-key", "--api-keys", dest="api_key", default=env.get("CHATSERVE_API_KEYS", ""),
+                   help="comma-separated API keys")
+    p.add_argument("--api-keys-file", default=env.get("CHATSERVE_API_KEYS_FILE", ""),
+                   help="file of API keys, one per line: KEY [rpm=N] [tpm=N]")
     p.add_argument("--no-webui", action="store_true")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     return p.parse_args(list(argv))
@@ -58,11 +63,14 @@ def up(argv: Sequence[str]) -> None:
                     "--model-path", a.model_path, "--model-name", a.model_name, "--context-length", a.context_length],
          f"http://{host}:{a.worker_port}/health"),
         ("gateway", [*py, "gateway", "--host", host, "--port", str(a.gateway_port), "--controller-url", controller,
-                     "--api-keys", a.api_key], f"{gateway}/health"),
+                     "--api-keys", a.api_key, "--api-keys-file", a.api_keys_file], f"{gateway}/health"),
     ]
     if not a.no_webui:
+        ui_key = a.api_key.split(",")[0]
+        if not ui_key and a.api_keys_file:
+            ui_key = next(iter(parse_key_file(a.api_keys_file)), "")
         specs.append(("webui", [*py, "webui", "--host", host, "--port", str(a.webui_port), "--api-url",
-                                f"{gateway}/v1", "--api-key", a.api_key.split(",")[0]], f"http://{host}:{a.webui_port}/"))
+                                f"{gateway}/v1", "--api-key", ui_key], f"http://{host}:{a.webui_port}/"))
     children: list[Child] = []
 
     def stop(*_: object) -> None:
