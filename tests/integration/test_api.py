@@ -241,3 +241,42 @@ def test_bad_embedding_requests_are_400(platform, body, param):
     r = httpx.post(f"{platform.api_url}/embeddings", json={"model": platform.model, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_remaining_fields_through_the_sdk_and_golden_wire_format(client, platform):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    # stop strings end the reply before them; max_completion_tokens bounds it
+    r = ask(client, platform.model, msgs, stop=["Paris"], max_tokens=None, max_completion_tokens=30, user="u-1")
+    assert "Paris" not in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    r = ask(client, platform.model, msgs, max_tokens=None, max_completion_tokens=3)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    # extensions through extra_body: EOS ignored, a floor on length, top-k, repetition penalty
+    r = ask(client, platform.model, msgs, max_tokens=20, presence_penalty=0.5, frequency_penalty=0.5, top_p=0.9,
+            extra_body={"ignore_eos": True, "min_tokens": 20, "top_k": 5, "repetition_penalty": 1.2})
+    assert r.usage.completion_tokens == 20
+    # golden key sets of the wire format
+    raw = httpx.post(f"{platform.api_url}/chat/completions", json={"model": platform.model, "messages": msgs,
+                                                                    "max_tokens": 2}).json()
+    assert set(raw) == {"id", "object", "created", "model", "system_fingerprint", "choices", "usage"}
+    assert raw["object"] == "chat.completion" and set(raw["choices"][0]) == {"index", "message", "finish_reason",
+                                                                              "logprobs"}
+    assert set(raw["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
+    with httpx.stream("POST", f"{platform.api_url}/chat/completions", json={
+            "model": platform.model, "messages": msgs, "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in resp.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines) and lines[-1] == "data: [DONE]"
+    import json
+
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+    # completions: a list of prompts, and token ids
+    batch = client.completions.create(model=platform.model, prompt=["One, two,", "Red, green,"], max_tokens=3,
+                                      temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1] and batch.usage.completion_tokens == 6
+    ids = httpx.post(f"{platform.gateway.url}/tokenize", json={"model": platform.model, "prompt": "One, two,"}).json()
+    by_ids = client.completions.create(model=platform.model, prompt=ids["tokens"], max_tokens=3, temperature=0)
+    assert by_ids.choices[0].text == batch.choices[0].text
