@@ -26,18 +26,30 @@ class Template:
     stop: tuple[str, ...] = ()
     add_bos: bool = True  # prepend the tokenizer's BOS token (LLaMA's <s>)
     system_in_first_user: str | None = None  # format with {system} and {content} for the first user turn
+    # a user message right after another user message is an input to it (Alpaca's "### Input:")
+    user_input: str | None = None
+    default_system_with_input: str = ""
+    examples: tuple[tuple[str, str], ...] = ()  # a fixed exchange after the system prompt (one-shot)
     aliases: tuple[str, ...] = ()
     match: tuple[str, ...] = ()  # substrings of a model name that select this template
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        system, turns = _split_system(messages, self.default_system)
+        default = self.default_system
+        if self.user_input is not None and _first_user_has_input(messages):
+            default = self.default_system_with_input
+        system, turns = _split_system(messages, default)
         out: list[str] = []
         if system and self.system_in_first_user is None:
             out.append(self.system.replace("{content}", system))
+        for question, answer in self.examples:
+            out += [self.user.replace("{content}", question), self.assistant.replace("{content}", answer)]
         first_user = True
+        previous = ""
         for msg in turns:
             content = msg["content"]
-            if msg["role"] == "user":
+            if msg["role"] == "user" and previous == "user" and self.user_input is not None:
+                out.append(self.user_input.replace("{content}", content))
+            elif msg["role"] == "user":
                 if first_user and system and self.system_in_first_user is not None:
                     out.append(
                         self.user.replace(
@@ -50,9 +62,15 @@ class Template:
                 first_user = False
             else:
                 out.append(self.assistant.replace("{content}", content))
+            previous = msg["role"]
         if add_generation_prompt:
             out.append(self.generation_prefix)
         return "".join(out)
+
+
+def _first_user_has_input(messages: list[dict[str, str]]) -> bool:
+    roles = [m["role"] for m in messages if m["role"] != "system"]
+    return roles[:2] == ["user", "user"]
 
 
 def _split_system(messages: list[dict[str, str]], default: str) -> tuple[str, list[dict[str, str]]]:
@@ -72,6 +90,29 @@ VICUNA_V0_SYSTEM = (
 )
 ALPACA_SYSTEM = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+ALPACA_SYSTEM_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+ONE_SHOT_EXAMPLE = (
+    "What are the key differences between renewable and non-renewable energy sources?",
+    "Renewable energy sources are those that can be replenished naturally in a relatively short amount of time, "
+    "such as solar, wind, hydro, geothermal, and biomass. Non-renewable energy sources, on the other hand, are "
+    "finite and will eventually be depleted, such as coal, oil, and natural gas. Here are some key differences "
+    "between renewable and non-renewable energy sources:\n"
+    "1. Availability: Renewable energy sources are virtually inexhaustible, while non-renewable energy sources are "
+    "finite and will eventually run out.\n"
+    "2. Environmental impact: Renewable energy sources have a much lower environmental impact than non-renewable "
+    "sources, which can lead to air and water pollution, greenhouse gas emissions, and other negative effects.\n"
+    "3. Cost: Renewable energy sources can be more expensive to initially set up, but they typically have lower "
+    "operational costs than non-renewable sources.\n"
+    "4. Reliability: Renewable energy sources are often more reliable and can be used in more remote locations "
+    "than non-renewable sources.\n"
+    "5. Flexibility: Renewable energy sources are often more flexible and can be adapted to different situations "
+    "and needs, while non-renewable sources are more rigid and inflexible.\n"
+    "6. Sustainability: Renewable energy sources are more sustainable over the long term, while non-renewable "
+    "sources are not, and their depletion can lead to economic and social instability.",
 )
 
 TEMPLATES: tuple[Template, ...] = (
@@ -99,13 +140,17 @@ TEMPLATES: tuple[Template, ...] = (
         match=("vicuna-v0", "vicuna_v0"),
     ),
     Template(
+        # exactly Stanford Alpaca's training prompt (train.py PROMPT_DICT, target = output + EOS); a second,
+        # consecutive user message is the optional "### Input:". Later turns repeat the block.
         name="alpaca",
-        description="Stanford Alpaca instruction format",
+        description="Stanford Alpaca: ### Instruction: / ### Input: / ### Response:",
         system="{content}\n\n",
         default_system=ALPACA_SYSTEM,
+        default_system_with_input=ALPACA_SYSTEM_WITH_INPUT,
         user="### Instruction:\n{content}\n\n",
-        assistant="### Response:\n{content}</s>\n\n",
-        generation_prefix="### Response:\n",
+        user_input="### Input:\n{content}\n\n",
+        assistant="### Response:{content}</s>\n\n",
+        generation_prefix="### Response:",
         stop=("</s>", "### Instruction:"),
         match=("alpaca",),
     ),
@@ -153,14 +198,51 @@ TEMPLATES: tuple[Template, ...] = (
         match=("belle",),
     ),
     Template(
+        # ColossalChat's Coati (applications/Chat/coati/dataset/conversation.py, ADD_EOS_TOKEN style)
+        name="colossalchat",
+        description="ColossalChat (Coati): Human: ...</s>Assistant: ...</s>",
+        system="{content}\n\n",
+        default_system=VICUNA_V0_SYSTEM,
+        user="Human: {content}</s>",
+        assistant="Assistant: {content}</s>",
+        generation_prefix="Assistant: ",
+        stop=("</s>", "Human:"),
+        aliases=("coati",),
+        match=("coati", "colossalchat"),
+    ),
+    Template(
+        # Colossal-LLaMA-2 (applications/Colossal-LLaMA-2 conversation.py, ADD_BOS_EOS_TOKEN style)
+        name="colossal-llama-2",
+        description="Colossal-LLaMA-2: Human: <s>...</s>Assistant: <s>...</s>",
+        system="{content}\n\n",
+        default_system=VICUNA_V0_SYSTEM,
+        user="Human: <s>{content}</s>",
+        assistant="Assistant: <s>{content}</s>",
+        generation_prefix="Assistant: <s>",
+        stop=("</s>",),
+        match=("colossal-llama", "colossal_llama"),
+    ),
+    Template(
+        # FastChat's zero_shot / one_shot (ADD_COLON_SINGLE, sep "\n### ")
         name="zero_shot",
-        description="Plain ### Human:/### Assistant: turns, no example",
+        description="### Human: / ### Assistant: turns, no example",
         system="{content}\n",
         default_system=VICUNA_V0_SYSTEM,
         user="### Human: {content}\n",
         assistant="### Assistant: {content}\n",
         generation_prefix="### Assistant:",
         stop=("###",),
+    ),
+    Template(
+        name="one_shot",
+        description="zero_shot with FastChat's one example exchange before the conversation",
+        system="{content}\n",
+        default_system=VICUNA_V0_SYSTEM,
+        user="### Human: {content}\n",
+        assistant="### Assistant: {content}\n",
+        generation_prefix="### Assistant:",
+        stop=("###",),
+        examples=(ONE_SHOT_EXAMPLE,),
     ),
     Template(
         name="raw",
