@@ -107,3 +107,14 @@ def worker_registered(r: httpx.Response) -> bool:
 
 def gateway_has_models(r: httpx.Response) -> bool:
     return r.status_code == 200 and bool(r.json().get("models"))
+
+
+def extra_gateway(platform, request, *args: str):  # type: ignore[no-untyped-def]
+    """A second gateway (own flags) in front of the session platform's controller, for a module fixture
+    to `yield from`; its log goes into failure reports."""
+    g = gateway(platform.controller.url, *args)
+    g.start()
+    request.node.services = [g]
+    g.wait(ok=gateway_has_models)
+    yield g
+    g.stop()

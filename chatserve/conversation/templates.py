@@ -11,7 +11,7 @@ Rendering model:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +113,18 @@ ONE_SHOT_EXAMPLE = (
     "and needs, while non-renewable sources are more rigid and inflexible.\n"
     "6. Sustainability: Renewable energy sources are more sustainable over the long term, while non-renewable "
     "sources are not, and their depletion can lead to economic and social instability.",
+)
+
+# FastChat's zero_shot / one_shot (ADD_COLON_SINGLE, sep "\n### ")
+ZERO_SHOT = Template(
+    name="zero_shot",
+    description="### Human: / ### Assistant: turns, no example",
+    system="{content}\n",
+    default_system=VICUNA_V0_SYSTEM,
+    user="### Human: {content}\n",
+    assistant="### Assistant: {content}\n",
+    generation_prefix="### Assistant:",
+    stop=("###",),
 )
 
 TEMPLATES: tuple[Template, ...] = (
@@ -222,28 +234,9 @@ TEMPLATES: tuple[Template, ...] = (
         stop=("</s>",),
         match=("colossal-llama", "colossal_llama"),
     ),
-    Template(
-        # FastChat's zero_shot / one_shot (ADD_COLON_SINGLE, sep "\n### ")
-        name="zero_shot",
-        description="### Human: / ### Assistant: turns, no example",
-        system="{content}\n",
-        default_system=VICUNA_V0_SYSTEM,
-        user="### Human: {content}\n",
-        assistant="### Assistant: {content}\n",
-        generation_prefix="### Assistant:",
-        stop=("###",),
-    ),
-    Template(
-        name="one_shot",
-        description="zero_shot with FastChat's one example exchange before the conversation",
-        system="{content}\n",
-        default_system=VICUNA_V0_SYSTEM,
-        user="### Human: {content}\n",
-        assistant="### Assistant: {content}\n",
-        generation_prefix="### Assistant:",
-        stop=("###",),
-        examples=(ONE_SHOT_EXAMPLE,),
-    ),
+    ZERO_SHOT,
+    replace(ZERO_SHOT, name="one_shot", examples=(ONE_SHOT_EXAMPLE,),
+            description="zero_shot with FastChat's one example exchange before the conversation"),
     Template(
         name="raw",
         description="Message contents joined by newlines, no roles (base models)",

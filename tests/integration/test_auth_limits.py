@@ -17,14 +17,9 @@ pytestmark = pytest.mark.integration
 def keyed_gateway(platform, request, tmp_path_factory) -> Iterator[procs.Service]:
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text("# team keys\nslow-key rpm=2   # two requests a minute\nthrifty-key tpm=30\n\n")
-    g = procs.gateway(platform.controller.url, "--api-keys", "key-one,key-two", "--max-body-bytes", "4000",
-                      "--max-tokens-cap", "64", "--api-keys-file", str(key_file),
-                      "--cors-origins", "https://chat.example.org")
-    g.start()
-    request.node.services = [g]
-    g.wait(ok=procs.gateway_has_models)
-    yield g
-    g.stop()
+    yield from procs.extra_gateway(platform, request, "--api-keys", "key-one,key-two", "--max-body-bytes", "4000",
+                             "--max-tokens-cap", "64", "--api-keys-file", str(key_file),
+                             "--cors-origins", "https://chat.example.org")
 
 
 def test_missing_or_wrong_key_is_401_and_any_listed_key_works(keyed_gateway, platform):

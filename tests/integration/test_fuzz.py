@@ -20,12 +20,7 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 
 @pytest.fixture(scope="module")
 def fuzz_gateway(platform, request) -> Iterator[procs.Service]:
-    g = procs.gateway(platform.controller.url, "--max-tokens-cap", "4")  # valid requests stay quick
-    g.start()
-    request.node.services = [g]
-    g.wait(ok=procs.gateway_has_models)
-    yield g
-    g.stop()
+    yield from procs.extra_gateway(platform, request, "--max-tokens-cap", "4")  # valid requests stay quick
 
 
 def test_schemathesis_finds_no_server_error_or_schema_violation(fuzz_gateway, platform):
