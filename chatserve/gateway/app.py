@@ -1,5 +1,6 @@
-"""Gateway routes (thin): /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /tokenize, /detokenize,
-/health. Auth (Bearer API keys, constant-time), body-size limit, CORS, and the error envelope.
+"""Gateway routes (thin): /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /tokenize,
+/detokenize, /health, /metrics. Auth (Bearer API keys, constant-time) and per-key limits, body-size limit,
+CORS, and the error envelope.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ log = logging.getLogger("chatserve.gateway")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_EMBEDDING_INPUTS = 2048
-KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize", "/health",
-                "/metrics", "/status"}
+KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize",
+                "/detokenize", "/health", "/metrics", "/status"}
 
 
 async def respond(service: ChatService | CompletionService, body: Any, charge: Callable[[int], None]) -> Any:
@@ -93,7 +94,8 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     metrics = GatewayMetrics()
     errors = {status: {"model": ErrorResponse, "description": "An error in the OpenAI envelope"}
               for status in (400, 401, 404, 413, 429, 500, 503)}
-    app = FastAPI(title="chatserve API", version="0.1.0", lifespan=lifespan, responses=errors)  # type: ignore[arg-type]
+    app = FastAPI(title="chatserve API", version="0.1.0", lifespan=lifespan,
+                  responses=errors)  # type: ignore[arg-type]
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
@@ -101,7 +103,10 @@ def build_app(settings: GatewaySettings) -> FastAPI:
 
     keys = {k: KeyPolicy() for k in settings.api_keys}
     if settings.api_keys_file:
-        keys.update(parse_key_file(settings.api_keys_file))
+        try:
+            keys.update(parse_key_file(settings.api_keys_file))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"chatserve gateway: cannot use the API key file: {exc}") from None
     ring = KeyRing(keys, KeyPolicy(settings.rate_limit_rpm, settings.rate_limit_tpm))
 
     @app.middleware("http")
@@ -192,15 +197,16 @@ def build_app(settings: GatewaySettings) -> FastAPI:
                                   "or token-id lists", param="input")
         if len(inputs) > MAX_EMBEDDING_INPUTS:
             raise BadRequestError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
-        out = EmbedResponse(**await _worker_call(request, body.model, "/embed", {"inputs": inputs}, timeout=600.0))
+        reply = await _worker_call(request, body.model, "/embed", {"inputs": inputs}, timeout=600.0)
+        out = EmbedResponse(**reply)
         if body.dimensions is not None and body.dimensions > out.dim:
             raise BadRequestError(f"dimensions must be at most {out.dim} for this model", param="dimensions")
         metrics.prompt_tokens.labels(body.model).inc(out.prompt_tokens)
         charge(out.prompt_tokens)
         data = [EmbeddingData(index=i, embedding=encode_embedding(e, body.dimensions, body.encoding_format))
                 for i, e in enumerate(out.embeddings)]
-        return EmbeddingResponse(data=data, model=body.model,
-                                 usage=EmbeddingUsage(prompt_tokens=out.prompt_tokens, total_tokens=out.prompt_tokens))
+        usage = EmbeddingUsage(prompt_tokens=out.prompt_tokens, total_tokens=out.prompt_tokens)
+        return EmbeddingResponse(data=data, model=body.model, usage=usage)
 
     @app.post("/tokenize", dependencies=[Depends(auth)])
     async def tokenize(body: TokenizeRequest, request: Request) -> Any:

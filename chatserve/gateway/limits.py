@@ -71,7 +71,7 @@ class KeyRing:
         return bool(self.keys)
 
     def identify(self, authorization: str) -> str:
-        """The key of an `Authorization: Bearer KEY` header; raises 401 when keys are set and it matches none."""
+        """The key of an `Authorization: Bearer KEY` header; 401 when it matches none."""
         scheme, _, token = authorization.partition(" ")
         given = token.strip().encode() if scheme.lower() == "bearer" else b""
         found = ""
