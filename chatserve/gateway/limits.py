@@ -19,6 +19,7 @@ from pathlib import Path
 from chatserve.protocol.errors import AuthenticationError, RateLimitError
 
 WINDOW_S = 60.0
+MAX_TRACKED = 10_000  # windows kept before idle ones are dropped
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class KeyRing:
         if not (policy.rpm or policy.tpm):
             return
         now = self.clock()
+        if len(self._windows) > MAX_TRACKED and key not in self._windows:
+            self._forget_idle(now)
         w = self._windows.setdefault(key, _Window())
         w.trim(now)
         if policy.rpm and len(w.requests) >= policy.rpm:
@@ -104,6 +107,13 @@ class KeyRing:
             raise RateLimitError(f"Rate limit reached: {policy.tpm} tokens per minute.",
                                  retry_after=WINDOW_S - (now - w.tokens[0][0]), code="rate_limit_exceeded")
         w.requests.append(now)
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop the windows that hold nothing any more (many one-off client addresses)."""
+        for key, w in list(self._windows.items()):
+            w.trim(now)
+            if not w.requests and not w.tokens:
+                del self._windows[key]
 
     def charge(self, key: str, tokens: int) -> None:
         if not self.policy(key).tpm or tokens <= 0:

@@ -57,3 +57,16 @@ def test_token_limit_uses_charged_tokens_and_the_default_policy_applies_to_plain
     ring.admit("own")  # its own, larger limit
     clock.t += 60
     ring.admit("k")
+
+
+def test_idle_windows_are_forgotten_when_many_clients_came_and_went(monkeypatch):
+    import chatserve.gateway.limits as limits
+
+    monkeypatch.setattr(limits, "MAX_TRACKED", 5)
+    clock = Clock()
+    ring = KeyRing({}, default=KeyPolicy(rpm=10), clock=clock)
+    for i in range(6):
+        ring.admit(f"client:{i}")
+    clock.t += 61
+    ring.admit("client:new")
+    assert list(ring._windows) == ["client:new"]
