@@ -117,13 +117,26 @@ class Upstream:
                     if resp.status_code == 503:
                         raise WorkerUnreachable(f"worker answered 503: {resp.text[:200]}")
                     raise _upstream_error(resp)
-                async for line in resp.aiter_lines():
-                    if line:
-                        data = json.loads(line)
-                        # trusted internal peer: validate only the rare chunks with nested logprobs
-                        yield GenerateChunk(**data) if data.get("logprobs") else GenerateChunk.model_construct(**data)
+                async for line in ndjson_lines(resp):
+                    data = json.loads(line)
+                    # trusted internal peer: validate only the rare chunks with nested logprobs
+                    yield GenerateChunk(**data) if data.get("logprobs") else GenerateChunk.model_construct(**data)
         except httpx.HTTPError as exc:
             raise WorkerUnreachable(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def ndjson_lines(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """The non-empty lines of an NDJSON body, split on b"\\n" only. (`aiter_lines` also splits on U+0085,
+    U+2028 and other Unicode line breaks, which JSON strings may hold unescaped: echoed prompt text does.)"""
+    buf = b""
+    async for data in resp.aiter_bytes():
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if line:
+                yield line
+    if buf.strip():
+        yield buf
 
 
 def _upstream_error(resp: httpx.Response) -> ChatServeError:

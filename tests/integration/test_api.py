@@ -280,3 +280,13 @@ def test_remaining_fields_through_the_sdk_and_golden_wire_format(client, platfor
     ids = httpx.post(f"{platform.gateway.url}/tokenize", json={"model": platform.model, "prompt": "One, two,"}).json()
     by_ids = client.completions.create(model=platform.model, prompt=ids["tokens"], max_tokens=3, temperature=0)
     assert by_ids.choices[0].text == batch.choices[0].text
+
+
+def test_echoed_prompt_with_unicode_line_breaks_survives_the_internal_stream(client, platform):
+    """Found by fuzzing: U+0085 / U+2028 in echoed text split the worker's NDJSON lines."""
+    prompt = "a\u0085b\u2028c\u2029d\x1ce"
+    for stream in (False, True):
+        r = client.completions.create(model=platform.model, prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                      stream=stream)
+        text = r.choices[0].text if not stream else "".join(c.choices[0].text for c in r if c.choices)
+        assert text.startswith(prompt)
