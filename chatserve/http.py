@@ -62,7 +62,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _chatserve(_: Request, exc: ChatServeError) -> JSONResponse:
         headers = None
         if exc.status_code in (429, 503):
-            headers = {"Retry-After": str(max(1, math.ceil(getattr(exc, "retry_after", 1))))}
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
         return error_response(exc, headers)
 
     @app.exception_handler(RequestValidationError)

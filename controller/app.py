@@ -73,19 +73,19 @@ def build_app(settings: ControllerSettings) -> FastAPI:
     async def heartbeat(hb: Heartbeat) -> HeartbeatAck:
         return HeartbeatAck(known=registry.heartbeat(hb.worker_id, hb.load))
 
+    def drop(worker_id: str, level: int, why: str) -> dict[str, bool]:
+        removed = registry.remove(worker_id)
+        if removed:
+            log.log(level, "worker %s %s", worker_id, why)
+        return {"ok": removed}
+
     @app.post("/deregister", dependencies=[Depends(internal)])
     async def deregister(d: Deregistration) -> dict[str, bool]:
-        removed = registry.remove(d.worker_id)
-        if removed:
-            log.info("worker %s deregistered", d.worker_id)
-        return {"ok": removed}
+        return drop(d.worker_id, logging.INFO, "deregistered")
 
     @app.post("/report_failure", dependencies=[Depends(internal)])
     async def report_failure(d: Deregistration) -> dict[str, bool]:
-        removed = registry.remove(d.worker_id)
-        if removed:
-            log.warning("worker %s dropped: the gateway could not reach it", d.worker_id)
-        return {"ok": removed}
+        return drop(d.worker_id, logging.WARNING, "dropped: the gateway could not reach it")
 
     @app.post("/dispatch", dependencies=[Depends(internal)])
     async def dispatch(req: DispatchRequest) -> DispatchResponse:

@@ -70,7 +70,7 @@ class StartedStream:
     model: str = ""
     metrics: GatewayMetrics | None = None
     started_at: float = field(default_factory=time.perf_counter)
-    charge: Callable[[int], None] | None = None  # told the tokens used when the stream ends (rate limits)
+    charge: Charge = None  # told the tokens used when the stream ends (rate limits)
     completion_tokens: int = 0  # summed over the choices' final chunks as they arrive
     cached_tokens: int = 0
 
@@ -106,8 +106,7 @@ class StartedStream:
 
 
 async def open_stream(upstream: Upstream, model: str, req: GenerateRequest, prefix_key: str | None,
-                      metrics: GatewayMetrics | None = None,
-                      charge: Callable[[int], None] | None = None) -> StartedStream:
+                      metrics: GatewayMetrics | None = None, charge: Charge = None) -> StartedStream:
     started_at = time.perf_counter()
     tried: list[str] = []
     last: Exception | None = None
@@ -183,12 +182,14 @@ def _chat_logprobs(chunk: GenerateChunk) -> ChoiceLogprobs | None:
         for lp in chunk.logprobs])
 
 
-class ChatService:
+class _Service:
     def __init__(self, upstream: Upstream, max_tokens_cap: int, metrics: GatewayMetrics | None = None):
         self.upstream = upstream
         self.cap = max_tokens_cap
         self.metrics = metrics
 
+
+class ChatService(_Service):
     def to_generate(self, body: ChatCompletionRequest) -> tuple[GenerateRequest, str | None]:
         messages = [Message(**m.plain()) for m in body.messages]
         max_tokens, unset = resolve_max_tokens(body.requested_max_tokens(), self.cap)
@@ -248,12 +249,7 @@ class ChatService:
             yield event
 
 
-class CompletionService:
-    def __init__(self, upstream: Upstream, max_tokens_cap: int, metrics: GatewayMetrics | None = None):
-        self.upstream = upstream
-        self.cap = max_tokens_cap
-        self.metrics = metrics
-
+class CompletionService(_Service):
     def to_generate(self, body: CompletionRequest, prompt: str | list[int]) -> GenerateRequest:
         # OpenAI's legacy default for completions is 16 tokens
         requested = body.max_tokens if body.max_tokens is not None else min(16, self.cap)

@@ -26,6 +26,7 @@ class ErrorResponse(BaseModel):
 class ChatServeError(Exception):
     status_code = 500
     error_type = "InternalServerError"
+    retry_after = 1.0  # seconds, sent as Retry-After with 429 and 503
 
     def __init__(self, message: str, *, param: str | None = None, code: int | str | None = None):
         super().__init__(message)

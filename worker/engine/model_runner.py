@@ -195,12 +195,13 @@ class ModelRunner:
             group = order[start:end]
             width = len(inputs[group[-1]])
             ids = torch.zeros(len(group), width, dtype=torch.long)
-            mask = torch.zeros(len(group), width, 1)
             for row, i in enumerate(group):
                 ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
-                mask[row, : len(inputs[i])] = 1.0
-            hidden = self.model.dense_hidden(ids.to(self.device)).float().cpu()
-            pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+            lengths = torch.tensor([len(inputs[i]) for i in group], device=self.device)
+            mask = (torch.arange(width, device=self.device) < lengths[:, None]).unsqueeze(-1)
+            hidden = self.model.dense_hidden(ids.to(self.device)).float()
+            # pooled on the device: only [B, dim] comes back, not every token's hidden state
+            pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / lengths[:, None], dim=-1).cpu()
             for row, i in enumerate(group):
                 out[i] = pooled[row]
             start = end
