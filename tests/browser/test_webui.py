@@ -73,6 +73,9 @@ def test_send_a_message_and_see_the_streamed_reply(page, platform):
     temperature = page.locator("#temperature input[type=number]")
     temperature.fill("0")
     temperature.press("Enter")
+    # the slider takes the typed value asynchronously: sending before it has would sample at the default 0.7
+    page.wait_for_function("() => document.querySelector('#temperature input[type=range]').value === '0'",
+                           timeout=10_000)
     send(page, "What is the capital of France?")
     page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length > 0",
                            timeout=60_000)
