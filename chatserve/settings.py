@@ -148,3 +148,8 @@ class WebUISettings(BaseSettings):
     api_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "gateway /v1 base URL"})
     api_key: str = field(default="", metadata={"help": "API key for the gateway"})
     max_message_chars: int = field(default=8000, metadata={"help": "longest user message"})
+    max_turns: int = field(default=100, metadata={"help": "user turns per chat"})
+    database: str = field(default="~/.local/share/chatserve/webui.sqlite3",
+                          metadata={"help": "SQLite file or SQLAlchemy URL (postgresql+psycopg://...)"})
+    auth_file: str = field(default="", metadata={"help": "file of USER:PASSWORD lines: require login, one history per user"})
+    arena_models: list[str] = field(default_factory=list, metadata={"help": "models offered in the arena ('' = all)"})

@@ -97,8 +97,8 @@ def gateway(controller_url: str, *extra: str) -> Service:
     return Service("gateway", ["--controller-url", controller_url, "--worker-cache-ttl", "2", *extra], free_port())
 
 
-def webui(api_url: str) -> Service:
-    return Service("webui", ["--api-url", api_url], free_port())
+def webui(api_url: str, *extra: str) -> Service:
+    return Service("webui", ["--api-url", api_url, *extra], free_port())
 
 
 def worker_registered(r: httpx.Response) -> bool:

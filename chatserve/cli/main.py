@@ -34,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from chatserve.cli.chat import chat
 
         chat(rest)
+    elif command == "export":
+        importlib.import_module("webui.export").main(rest)
     elif command == "template":
         from chatserve.cli.template import template
 
@@ -51,7 +53,8 @@ USAGE = """usage: chatserve COMMAND [options]   (each command takes --help)
   gateway     the OpenAI-compatible API (port 8000, /v1)
   webui       the Gradio chat UI (port 7860)
   chat        chat in the terminal through the gateway
-  template    list or render conversation templates"""
+  template    list or render conversation templates
+  export      write the web UI's stored chats as ShareGPT JSON (--format sharegpt --output FILE)"""
 
 
 if __name__ == "__main__":
