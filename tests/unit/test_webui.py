@@ -207,7 +207,7 @@ def test_store_rename_delete_cascade(store, tmp_path):
     assert store.update_conversation(cid, "me", title="renamed" * 40)
     assert store.list_conversations("me")[0][1] == ("renamed" * 40)[:200]
     with pytest.raises(ValueError):
-        store.update_conversation(cid, "me", owner="eve")
+        store.update_conversation(cid, "me", mode="arena")
     assert store.delete_conversation(cid, "me")
     with sqlite3.connect(tmp_path / "ui.sqlite3") as conn:
         assert conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)
