@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_type_hints
 
+from typing_extensions import Self
+
 T = TypeVar("T", bound="BaseSettings")
 
 
@@ -35,8 +37,8 @@ class BaseSettings:
     log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
 
     @classmethod
-    def from_args(cls: type[T], argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
-                  prog: str | None = None) -> T:
+    def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+                  prog: str | None = None) -> Self:
         env = os.environ if env is None else env
         parser = cls.parser(prog)
         ns = parser.parse_args(list(argv) if argv is not None else [])
@@ -56,7 +58,7 @@ class BaseSettings:
         return parser
 
     @classmethod
-    def from_namespace(cls: type[T], ns: argparse.Namespace, env: Mapping[str, str]) -> T:
+    def from_namespace(cls, ns: argparse.Namespace, env: Mapping[str, str]) -> Self:
         hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):

@@ -355,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     auth = None
     if settings.auth_file:
         users = read_auth_file(settings.auth_file)
-        auth = lambda u, p: users.get(u) is not None and callbacks.constant_time_equal(users[u], p)  # noqa: E731
+        auth = lambda u, p: users.get(u) is not None and callbacks.constant_time_equal(users[u], p)
     demo.queue(default_concurrency_limit=32).launch(server_name=settings.host, server_port=settings.port,
                                                     show_error=True, share=False, quiet=True, auth=auth,
                                                     auth_message="Log in to chatserve" if auth else None)

@@ -19,7 +19,7 @@ import httpx
 import openai
 
 from webui.client import GatewayClient, Reply
-from webui.store import StoredMessage, Store
+from webui.store import Store, StoredMessage
 
 History = list[dict[str, Any]]
 NOTICE_MARKS = ("⚠", "ℹ")  # (drawn by common fonts; the emoji forms start with these too)

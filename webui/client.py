@@ -39,7 +39,7 @@ class GatewayClient:
     @property
     def root(self) -> str:
         url = self.api_url.rstrip("/")
-        return url[: -len("/v1")] if url.endswith("/v1") else url
+        return url.removesuffix("/v1")
 
     def _headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}

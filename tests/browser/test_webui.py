@@ -34,17 +34,23 @@ def db(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ui(platform, request, db) -> Iterator[procs.Service]:
-    # a second model name for the arena: the embedded model again, served by its own worker
-    w2 = procs.worker(platform.controller.url, "--dtype", "float32", "--model-name", ARENA_MODEL).start()
-    ui = procs.webui(platform.api_url, "--database", str(db)).start()
-    request.node.services = [w2, ui]
-    w2.wait(ok=procs.worker_registered, timeout=300)
+def arena_worker(platform, request) -> Iterator[procs.Service]:
+    """A second model name for the arena: the embedded model again, served by its own worker."""
+    w = procs.worker(platform.controller.url, "--dtype", "float32", "--model-name", ARENA_MODEL).start()
+    request.node.services = [w]
+    w.wait(ok=procs.worker_registered, timeout=300)
     platform.gateway.wait(path="/v1/models", ok=lambda r: ARENA_MODEL in r.text)
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def ui(platform, arena_worker, request, db) -> Iterator[procs.Service]:
+    ui = procs.webui(platform.api_url, "--database", str(db)).start()
+    request.node.services = [arena_worker, ui]
     ui.wait(path="/", timeout=120)
     yield ui
     ui.stop()
-    w2.stop()
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +103,7 @@ def send(page, text: str, box: str = "#input") -> None:
     page.locator(f"{box} textarea").press("Enter")
 
 
-def set_slider(page, elem_id: str, value: int | float) -> None:
+def set_slider(page, elem_id: str, value: float) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
@@ -214,6 +220,20 @@ def test_stop_mid_stream_aborts_the_request(page, platform, db):
     set_slider(page, "max_tokens", 512)
 
 
+def test_code_in_a_reply_is_rendered_as_highlighted_markdown(page):
+    page.locator("#new_chat").click()
+    page.wait_for_function(f"() => document.querySelectorAll({json.dumps(BOT)}).length === 0", timeout=10_000)
+    set_slider(page, "max_tokens", 64)
+    send(page, "Write a Python function that adds two numbers.")
+    wait_count(page, BOT, 1)
+    wait_stable(page, BOT)
+    code = page.locator(f"{BOT} pre code.language-python").first
+    code.wait_for(timeout=10_000)
+    assert "def " in code.inner_text()
+    assert page.locator(f"{BOT} pre code span.token.keyword").count() > 0  # highlighted, not plain text
+    set_slider(page, "max_tokens", 512)
+
+
 def test_reload_finds_the_chat_in_the_sidebar(page, ui):
     page.reload()
     page.wait_for_function("() => document.querySelector('#history') && "
@@ -309,3 +329,64 @@ def test_export_all_chats_as_sharegpt(db, tmp_path):
     text = subprocess.run([sys.executable, "-m", "chatserve.cli.main", "export", "--database", str(db)],
                           check=True, capture_output=True, text=True, timeout=120).stdout
     assert json.loads(text) == records
+
+
+def test_a_model_whose_worker_went_away_gives_a_readable_error(page, platform, arena_worker):
+    page.locator("button[role=tab]:has-text('Chat')").first.click()
+    page.locator("#new_chat").click()
+    page.locator("#model input").click()
+    page.get_by_role("option", name=ARENA_MODEL).click()
+    page.wait_for_function(f"() => document.querySelector('#model input').value === '{ARENA_MODEL}'",
+                           timeout=10_000)
+    arena_worker.stop()  # deregisters: the gateway has no worker for the model the page still offers
+    send(page, "Hello?")
+    page.wait_for_function(f"() => {{ const b = document.querySelectorAll({json.dumps(BOT)});"
+                           " return b.length > 0 && b[b.length - 1].innerText.includes('Error'); }", timeout=30_000)
+    text = page.locator(BOT).last.inner_text()
+    assert ARENA_MODEL in text or "worker" in text.lower(), text
+    # the page is usable again at once: the other model still answers
+    page.locator("#model input").click()
+    page.get_by_role("option", name=platform.model).click()
+    send(page, "What is the capital of France?")  # sending again replaces the error notice with the reply
+    page.wait_for_function(f"() => {{ const b = document.querySelectorAll({json.dumps(BOT)});"
+                           " return b.length > 0 && !b[b.length - 1].innerText.includes('Error'); }", timeout=60_000)
+    assert "Paris" in wait_stable(page, BOT)
+
+
+def login(browser, url: str, user: str, password: str):
+    context = browser.new_context()
+    pg = context.new_page()
+    pg.goto(url)
+    pg.locator("input[type=text], input[name=username]").first.fill(user)
+    pg.locator("input[type=password]").first.fill(password)
+    pg.locator("button:has-text('Login'), button[type=submit]").first.click()
+    pg.wait_for_function("() => document.querySelector('#model input') && "
+                         "document.querySelector('#model input').value !== ''", timeout=30_000)
+    return context, pg
+
+
+def test_login_separates_users_histories(browser, platform, request, tmp_path):
+    users = tmp_path / "users.txt"
+    users.write_text("# chatserve users\nalice:wonderland\nbob:builder\n")
+    db = tmp_path / "auth.sqlite3"
+    ui = procs.webui(platform.api_url, "--database", str(db), "--auth-file", str(users)).start()
+    request.node.services = [ui]
+    try:
+        ui.wait(path="/", ok=lambda r: r.status_code in (200, 401, 302), timeout=120)
+        ctx, pg = login(browser, ui.url, "alice", "wonderland")
+        send(pg, "Hello from Alice")
+        wait_count(pg, BOT, 1)
+        wait_stable(pg, BOT)
+        pg.wait_for_function("() => document.querySelector('#history').innerText.includes('Hello from Alice')",
+                             timeout=10_000)
+        ctx.close()
+        ctx, pg = login(browser, ui.url, "bob", "builder")
+        pg.wait_for_timeout(1500)
+        assert "Alice" not in pg.locator("#history").inner_text()
+        ctx.close()
+        assert query(db, "SELECT owner, title FROM conversations") == [("user:alice", "Hello from Alice")]
+        # a wrong password does not get in
+        r = httpx.post(ui.url + "/login", data={"username": "alice", "password": "nope"}, timeout=10)
+        assert r.status_code in (400, 401)
+    finally:
+        ui.stop()

@@ -14,7 +14,7 @@ from webui import callbacks, export, ratings
 from webui.app import read_auth_file
 from webui.callbacks import Battle, ChatParams, Limits
 from webui.client import GatewayClient, Reply
-from webui.store import Base, StoredMessage, Store
+from webui.store import Base, Store, StoredMessage
 
 U, A = "user", "assistant"
 
