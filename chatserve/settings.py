@@ -120,6 +120,7 @@ class WorkerSettings(BaseSettings):
     cuda_graphs: bool = field(default=True, metadata={"help": "capture CUDA graphs for decode"})
     heartbeat_interval: float = field(default=3.0, metadata={"help": "seconds between heartbeats"})
     max_queue_length: int = field(default=512, metadata={"help": "requests queued before 429"})
+    keepalive_interval: float = field(default=1.0, metadata={"help": "seconds between keepalives on a quiet stream"})
     internal_secret: str = field(default="", metadata={"help": "shared secret of the internal plane ('' = open)"})
 
 
@@ -137,6 +138,7 @@ class GatewaySettings(BaseSettings):
     internal_secret: str = field(default="", metadata={"help": "shared secret of the internal plane"})
     max_tokens_cap: int = field(default=4096, metadata={"help": "largest max_tokens accepted"})
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest request body"})
+    worker_stall_timeout: float = field(default=10.0, metadata={"help": "seconds without any event from a worker (tokens or keepalives) before its stream counts as failed"})
     worker_cache_ttl: float = field(default=10.0, metadata={"help": "seconds a known worker address is reused while the controller is down"})
     cors_origins: list[str] = field(default_factory=list, metadata={"help": "allowed CORS origins"})
     metrics_open: bool = field(default=False, metadata={"help": "serve /metrics without an API key"})

@@ -22,7 +22,7 @@ from chatserve.http import setup_logging
 from chatserve.settings import WebUISettings
 from webui import callbacks, export, ratings
 from webui.callbacks import Battle, ChatParams, History
-from webui.client import GatewayClient
+from webui.client import GatewayClient, Reply
 from webui.store import Store
 
 log = logging.getLogger("chatserve.webui")
@@ -214,6 +214,24 @@ def build_demo(settings: WebUISettings, store: Store | None = None) -> gr.Blocks
         return gr.update(value=rows, headers=callbacks.STATUS_COLUMNS), (
             f"{len(rows)} worker(s); models: {', '.join(st.get('models', [])) or 'none'}")
 
+    # --- HTTP API of the UI (gradio_client, health checks): one reply to a chat ------------------------------
+
+    async def chat_api(message: str, history_json: str = "[]", model: str = "", system: str = "",
+                       temperature: float = 0.0, max_tokens: int = 256) -> str:
+        """Reply to `message` after the turns in `history_json` (a JSON list of {role, content})."""
+        try:
+            history = [m for m in json.loads(history_json or "[]") if isinstance(m, dict)]
+        except ValueError:
+            return "⚠ history_json is not a JSON list of {role, content} messages."
+        _, history = callbacks.add_user_message(message, history, limits)
+        if not model:
+            _, model = await callbacks.model_choices(client)
+        p = ChatParams(model or "", system, float(temperature), 1.0, int(max_tokens))
+        out = history
+        async for h in callbacks.stream_reply(client, history, p, Reply()):
+            out = h
+        return callbacks.text_of(out[-1].get("content")) if out else ""
+
     # --- layout -------------------------------------------------------------------------------------------
 
     with gr.Blocks(title="chatserve") as demo:
@@ -343,6 +361,7 @@ def build_demo(settings: WebUISettings, store: Store | None = None) -> gr.Blocks
         demo.load(ensure_uid, uid, uid, queue=False).then(**after)
         demo.load(refresh_models, None, model)
         demo.load(arena_models, None, [model_a, model_b])
+        gr.api(chat_api, api_name="chat")
     return demo
 
 

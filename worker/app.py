@@ -48,13 +48,14 @@ from chatserve.protocol.internal import (
     WorkerRegistration,
 )
 from chatserve.settings import WorkerSettings
-from worker.async_engine import AsyncEngine, EngineDeadError
+from worker.async_engine import KEEPALIVE, AsyncEngine, EngineDeadError
 from worker.engine.engine import LLMEngine, SeqOutput
 from worker.engine.model_runner import CacheConfig, ModelRunner
 from worker.loader import LoadedModel, ModelLoadError, load_model
 from worker.prompting import PromptRenderer
 
 log = logging.getLogger("chatserve.worker")
+PING_LINE = b'{"kind":"ping"}\n'
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -133,8 +134,22 @@ def warm_up(engine: LLMEngine) -> None:
         engine.step()
 
 
+def advertised_address(settings: WorkerSettings) -> str:
+    """The URL the gateway reaches this worker at: --worker-address, else this host's own address when
+    bound to every interface (a container's or pod's IP, so `--scale worker=N` needs no per-replica setting)."""
+    if settings.worker_address:
+        return settings.worker_address.rstrip("/")
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
+    return f"http://{host}:{settings.port}"
+
+
 def build_app(settings: WorkerSettings) -> FastAPI:
-    address = settings.worker_address or f"http://{settings.host}:{settings.port}"
+    address = advertised_address(settings)
     state = WorkerState(settings, f"{socket.gethostname()}:{settings.port}:{os.getpid()}", address)
 
     async def startup() -> None:
@@ -283,9 +298,10 @@ def build_app(settings: WorkerSettings) -> FastAPI:
         async def stream() -> AsyncIterator[bytes]:
             yield (first.model_dump_json(exclude_defaults=True) + "\n").encode()
             try:
-                async with aclosing(engine.generate(req.request_id, prompt_ids, params, req.n)) as outputs:
+                async with aclosing(engine.generate(req.request_id, prompt_ids, params, req.n,
+                                                    settings.keepalive_interval)) as outputs:
                     async for out in outputs:
-                        yield encode_chunk(out, loaded.tokenizer)
+                        yield PING_LINE if out is KEEPALIVE else encode_chunk(out, loaded.tokenizer)  # type: ignore[arg-type]
             except (EngineDeadError, ValueError) as exc:
                 err = GenerateChunk(kind="error", error={"message": str(exc), "type": "InternalServerError",
                                                          "param": None, "code": 500})

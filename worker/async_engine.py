@@ -27,6 +27,9 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+KEEPALIVE = object()  # yielded by generate(keepalive=...) while a request has nothing new
+
+
 @dataclass(slots=True)
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -89,7 +92,10 @@ class AsyncEngine:
     # --- handler side -------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       n: int = 1) -> AsyncIterator[SeqOutput]:
+                       n: int = 1, keepalive: float | None = None) -> AsyncIterator[SeqOutput | object]:
+        """Outputs of one request as they come. With `keepalive`, also `KEEPALIVE` whenever that many
+        seconds passed without output (queued, or a long prefill), so a silent link can be told apart
+        from a busy worker."""
         if self.dead:
             raise EngineDeadError(self.dead)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -99,18 +105,37 @@ class AsyncEngine:
         self._cmds.put(("add", (request_id, prompt_ids, params, n)))
         self._wake.set()
         finished = 0
+        quiet = [True]  # nothing arrived since the last keepalive tick
+        timer: asyncio.TimerHandle | None = None
+
+        def tick() -> None:  # one timer per stream, not one per token
+            nonlocal timer
+            if quiet[0] and stream.queue.empty():
+                stream.queue.put_nowait(KEEPALIVE)
+            quiet[0] = True
+            timer = stream.loop.call_later(keepalive, tick)  # type: ignore[arg-type]
+
+        if keepalive:
+            timer = stream.loop.call_later(keepalive, tick)
         try:
             while finished < n:
                 items = [await stream.queue.get()]
                 while not stream.queue.empty():  # a slow reader gets what piled up as one delta per choice
                     items.append(stream.queue.get_nowait())
-                for item in merge_outputs(items):
+                real = [i for i in items if i is not KEEPALIVE]
+                if not real:
+                    yield KEEPALIVE
+                    continue
+                quiet[0] = False
+                for item in merge_outputs(real):
                     if isinstance(item, BaseException):
                         raise item
                     if item.finished:
                         finished += 1
                     yield item
         finally:
+            if timer is not None:
+                timer.cancel()
             self.pending -= 1
             with self._lock:
                 self._streams.pop(request_id, None)

@@ -34,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from chatserve.cli.chat import chat
 
         chat(rest)
+    elif command == "health":
+        from chatserve.cli.health import health
+
+        health(rest)
     elif command == "export":
         importlib.import_module("webui.export").main(rest)
     elif command == "template":
@@ -54,6 +58,7 @@ USAGE = """usage: chatserve COMMAND [options]   (each command takes --help)
   webui       the Gradio chat UI (port 7860)
   chat        chat in the terminal through the gateway
   template    list or render conversation templates
+  health      container healthcheck: ask the service this container runs
   export      write the web UI's stored chats as ShareGPT JSON (--format sharegpt --output FILE)"""
 
 

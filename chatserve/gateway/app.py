@@ -85,7 +85,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
         async with httpx.AsyncClient(limits=limits) as client:
             upstream = Upstream(client, settings.controller_url.rstrip("/"), settings.internal_secret,
-                                settings.worker_cache_ttl)
+                                settings.worker_cache_ttl, settings.worker_stall_timeout)
             app.state.upstream = upstream
             app.state.chat = ChatService(upstream, settings.max_tokens_cap, metrics)
             app.state.completions = CompletionService(upstream, settings.max_tokens_cap, metrics)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,9 +59,16 @@ def conversation_key(model: str, messages: list[Message]) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+Reopen = Callable[[list[str]], Awaitable[tuple[AsyncIterator[GenerateChunk], str]]]
+
+
 @dataclass
 class StartedStream:
-    """A worker stream whose first ("start") event has arrived."""
+    """A worker stream whose first ("start") event has arrived.
+
+    Until the first token arrives the request can move: if its worker fails or falls silent (cut off)
+    while the request still waits in its queue, `reopen` sends it to another worker, and the client,
+    which has seen no text yet, gets the whole answer from there, once."""
 
     start: GenerateChunk
     chunks: AsyncIterator[GenerateChunk]
@@ -71,6 +78,8 @@ class StartedStream:
     metrics: GatewayMetrics | None = None
     started_at: float = field(default_factory=time.perf_counter)
     charge: Charge = None  # told the tokens used when the stream ends (rate limits)
+    reopen: Reopen | None = None
+    tried: list[str] = field(default_factory=list)
     completion_tokens: int = 0  # summed over the choices' final chunks as they arrive
     cached_tokens: int = 0
 
@@ -79,19 +88,31 @@ class StartedStream:
 
     async def rest(self) -> AsyncIterator[GenerateChunk]:
         stamps: list[float] = []
+        produced = False
         try:
-            async for chunk in self.chunks:
-                if chunk.kind == "error":
-                    raise InternalError((chunk.error or {}).get("message", "worker error"))
-                if chunk.text:
-                    stamps.append(time.perf_counter())
-                if chunk.finish_reason:
-                    self.completion_tokens += chunk.completion_tokens
-                    self.cached_tokens = max(self.cached_tokens, chunk.cached_tokens)
-                yield chunk
-        except WorkerUnreachable:
-            await self.upstream.report_failure(self.worker_id)
-            raise ServiceUnavailableError("the worker serving this request failed mid-stream") from None
+            while True:
+                try:
+                    async for chunk in self.chunks:
+                        if chunk.kind == "error":
+                            raise InternalError((chunk.error or {}).get("message", "worker error"))
+                        if chunk.text:
+                            stamps.append(time.perf_counter())
+                        if chunk.text or chunk.token_ids or chunk.finish_reason:
+                            produced = True
+                        if chunk.finish_reason:
+                            self.completion_tokens += chunk.completion_tokens
+                            self.cached_tokens = max(self.cached_tokens, chunk.cached_tokens)
+                        yield chunk
+                    break
+                except WorkerUnreachable as exc:
+                    await self.upstream.report_failure(self.worker_id)
+                    if produced or self.reopen is None:
+                        raise ServiceUnavailableError("the worker serving this request failed mid-stream") from None
+                    log.warning("worker %s failed before the first token (%s): moving the request", self.worker_id,
+                                exc)
+                    await self.chunks.aclose()  # type: ignore[attr-defined]
+                    self.tried.append(self.worker_id)
+                    self.chunks, self.worker_id = await self.reopen(self.tried)
         finally:
             # a client that went away closes this generator: close the worker stream at once, so the
             # worker sees the disconnect and aborts the request in its engine
@@ -105,10 +126,9 @@ class StartedStream:
                                          self.completion_tokens, self.cached_tokens)
 
 
-async def open_stream(upstream: Upstream, model: str, req: GenerateRequest, prefix_key: str | None,
-                      metrics: GatewayMetrics | None = None, charge: Charge = None) -> StartedStream:
-    started_at = time.perf_counter()
-    tried: list[str] = []
+async def _first_worker(upstream: Upstream, model: str, req: GenerateRequest, prefix_key: str | None,
+                        tried: list[str]) -> tuple[GenerateChunk, AsyncIterator[GenerateChunk], str]:
+    """Dispatch and open a worker stream up to its "start" event, skipping workers that fail first."""
     last: Exception | None = None
     for _ in range(MAX_ATTEMPTS):
         worker = await upstream.dispatch(model, prefix_key, tried)
@@ -124,8 +144,21 @@ async def open_stream(upstream: Upstream, model: str, req: GenerateRequest, pref
         except StopAsyncIteration:
             tried.append(worker.worker_id)
             continue
-        return StartedStream(start, chunks, worker.worker_id, upstream, model, metrics, started_at, charge)
+        return start, chunks, worker.worker_id
     raise ServiceUnavailableError(f"no worker could serve model '{model}'") from last
+
+
+async def open_stream(upstream: Upstream, model: str, req: GenerateRequest, prefix_key: str | None,
+                      metrics: GatewayMetrics | None = None, charge: Charge = None) -> StartedStream:
+    started_at = time.perf_counter()
+    tried: list[str] = []
+    start, chunks, worker_id = await _first_worker(upstream, model, req, prefix_key, tried)
+
+    async def reopen(exclude: list[str]) -> tuple[AsyncIterator[GenerateChunk], str]:
+        _, more, wid = await _first_worker(upstream, model, req, prefix_key, exclude)
+        return more, wid
+
+    return StartedStream(start, chunks, worker_id, upstream, model, metrics, started_at, charge, reopen, tried)
 
 
 def resolve_max_tokens(requested: int | None, cap: int) -> tuple[int, bool]:

@@ -42,6 +42,7 @@ class Upstream:
     controller_url: str
     secret: str = ""
     cache_ttl: float = 10.0
+    stall_timeout: float = 10.0  # a worker silent this long (no tokens, no keepalives) is taken as cut off
     _cache: dict[str, tuple[float, list[DispatchResponse]]] = field(default_factory=dict)
 
     @property
@@ -111,7 +112,8 @@ class Upstream:
         the worker's status) or WorkerUnreachable; a stream cut later raises WorkerUnreachable."""
         try:
             async with self.client.stream("POST", worker.address + "/generate", json=req.model_dump(),
-                                          headers=self.headers, timeout=httpx.Timeout(10.0, read=None)) as resp:
+                                          headers=self.headers,
+                                          timeout=httpx.Timeout(10.0, read=self.stall_timeout)) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
                     if resp.status_code == 503:
@@ -119,6 +121,8 @@ class Upstream:
                     raise _upstream_error(resp)
                 async for line in ndjson_lines(resp):
                     data = json.loads(line)
+                    if data.get("kind") == "ping":
+                        continue
                     # trusted internal peer: validate only the rare chunks with nested logprobs
                     yield GenerateChunk(**data) if data.get("logprobs") else GenerateChunk.model_construct(**data)
         except httpx.HTTPError as exc:

@@ -117,7 +117,7 @@ class TokenLogprobInfo(BaseModel):
 class GenerateChunk(BaseModel):
     """One event of a worker's stream. `kind` discriminates."""
 
-    kind: Literal["start", "delta", "error"]
+    kind: Literal["start", "delta", "error", "ping"]  # ping: a keepalive while nothing else is sent
     index: int = 0  # which of the n sequences
     text: str = ""  # delta text (never cumulative)
     token_ids: list[int] = Field(default_factory=list)

@@ -331,6 +331,19 @@ def test_export_all_chats_as_sharegpt(db, tmp_path):
     assert json.loads(text) == records
 
 
+def test_the_ui_http_api_holds_a_chat(ui, platform):
+    from gradio_client import Client
+
+    client = Client(ui.url, verbose=False)
+    first = client.predict("What is the capital of France?", "[]", platform.model, "", 0.0, 32, api_name="/chat")
+    assert "Paris" in first
+    history = json.dumps([{"role": "user", "content": "What is the capital of France?"},
+                          {"role": "assistant", "content": first}])
+    second = client.predict("And of Germany?", history, platform.model, "", 0.0, 32, api_name="/chat")
+    assert second and not second.startswith("⚠")
+    assert client.predict("hi", "{not json", "", "", 0.0, 8, api_name="/chat").startswith("⚠ history_json")
+
+
 def test_a_model_whose_worker_went_away_gives_a_readable_error(page, platform, arena_worker):
     page.locator("button[role=tab]:has-text('Chat')").first.click()
     page.locator("#new_chat").click()
