@@ -31,18 +31,20 @@ class Service:
     args: list[str]
     port: int
     env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    wrap: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS]: run on another "host"
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> Service:
         fd, path = tempfile.mkstemp(prefix=f"chatserve-{self.name}-", suffix=".log")
         self.log_path = Path(path)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        cmd = [sys.executable, "-m", "chatserve.cli.main", self.name, "--host", "127.0.0.1", "--port",
+        cmd = [*self.wrap, sys.executable, "-m", "chatserve.cli.main", self.name, "--host", self.host, "--port",
                str(self.port), *self.args]
         self.proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         os.close(fd)
