@@ -145,7 +145,8 @@ def test_next_turn_goes_to_the_worker_holding_the_conversation(hosts):
 
 @dataclass
 class Outcome:
-    tokens: int = 0
+    tokens: int = 0  # content chunks received (a chunk may carry several tokens)
+    completion_tokens: int = 0  # from the final usage chunk
     finishes: int = 0
     error: str | None = None
     done: bool = False
@@ -155,8 +156,10 @@ def stream(hosts, out: Outcome, max_tokens: int, text: str) -> None:
     try:
         chunks = client(hosts).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=max_tokens, stream=True,
-            extra_body={"ignore_eos": True}, temperature=0)
+            extra_body={"ignore_eos": True}, temperature=0, stream_options={"include_usage": True})
         for ch in chunks:
+            if ch.usage is not None:
+                out.completion_tokens = ch.usage.completion_tokens
             if ch.choices and ch.choices[0].delta.content:
                 out.tokens += 1
             if ch.choices and ch.choices[0].finish_reason:
@@ -203,7 +206,7 @@ def test_cut_link_moves_queued_requests_and_errors_the_running_one(hosts, net):
     # only worker1's running request had produced tokens there: it alone ends with an error event
     assert len(errors) == 1 and errors[0].tokens > 0 and "mid-stream" in errors[0].error, [o.error for o in outs]
     # everything else, including what waited in worker1's queue, was answered in full, once
-    assert len(completed) == 5 and all(o.tokens == max_tokens and o.finishes == 1 for o in completed)
+    assert len(completed) == 5 and all(o.completion_tokens == max_tokens and o.finishes == 1 for o in completed)
     moved = hosts["gateway"].logs().count("moving the request")
     assert moved >= 1
     print(f"\nlink cut: worker expired after {expired:.1f}s (expiry {EXPIRY}s); {moved} queued request(s) moved; "
@@ -226,7 +229,7 @@ def test_worker_restarted_under_load_rejoins_and_nothing_is_answered_twice(hosts
         t.join(timeout=180)
     assert not any(t.is_alive() for t in threads), "a client hung"
     for o in outs:  # answered in full exactly once, or cut after some tokens with an error event
-        assert (o.done and o.finishes == 1 and o.tokens == 30) or (o.error and o.tokens > 0), o
+        assert (o.done and o.finishes == 1 and o.completion_tokens == 30) or (o.error and o.tokens > 0), o
     rejoin = wait_until(lambda: addr in workers(hosts), timeout=300, step=0.5)
     print(f"\nworker2 restarted: registered again {rejoin:.1f}s after its clients settled")
     r = client(hosts).chat.completions.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
