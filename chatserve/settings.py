@@ -109,6 +109,8 @@ class WorkerSettings(BaseSettings):
     model_name: str = field(default="", metadata={"help": "name served under ('' = from the path)"})
     context_length: int = field(default=2048, metadata={"help": "context window in tokens"})
     chat_template: str = field(default="", metadata={"help": "named template ('' = tokenizer's own, else family match)"})
+    lora: list[str] = field(default_factory=list, metadata={"help": "PEFT LoRA adapter folders merged into the weights at load (comma-separated, in order)"})
+    quantize: str = field(default="", metadata={"help": "weight-only quantization: '', int8 or int4"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32"})
     max_num_seqs: int = field(default=64, metadata={"help": "sequences batched at once"})

