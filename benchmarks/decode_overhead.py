@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quantize", default="")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="CUDA kernel times of one eager batch-1 decode step")
     a = ap.parse_args()
     s = SHAPES["7b"]
     cfg = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
@@ -62,6 +63,26 @@ def main() -> None:
            "host_overhead_ms": round(step_ms - replay_ms, 3), "tok_s": round(1000 / step_ms, 1),
            "tok_s_if_no_overhead": round(1000 / replay_ms, 1)}
     print(json.dumps(out))
+    if a.kernels:
+        from torch.profiler import ProfilerActivity, profile
+
+        from worker.engine.attention import AttentionMetadata
+
+        meta = AttentionMetadata(runner.g_slots[:1], 1, runner.g_tables[:1], runner.g_lens[:1], [], [], 16)
+        step = lambda: model.logits(model.hidden(runner.g_ids[:1], runner.g_pos[:1], runner.kv_caches, meta))  # noqa: E731
+        with torch.inference_mode():
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    step()
+                torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        total = sum(e.self_device_time_total for e in events) / 10 / 1000
+        print(f"GPU kernel time per eager decode step: {total:.3f} ms (graph replay {replay_ms:.3f} ms)")
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
+            print(f"{e.self_device_time_total / 10 / 1000:8.3f} ms  {e.count // 10:5d}x  {e.key[:110]}")
     if a.profile:
         prof = cProfile.Profile()
         prof.enable()

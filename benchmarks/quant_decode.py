@@ -120,7 +120,7 @@ def main() -> None:
     base = out["decode_7B"]["bf16"]["batch1_tok_s"]
     for mode in ("int8", "int4"):
         out["decode_7B"][mode]["batch1_speedup_vs_bf16"] = round(out["decode_7B"][mode]["batch1_tok_s"] / base, 2)
-    for size in args.table_sizes.split(","):
+    for size in [s for s in args.table_sizes.split(",") if s]:
         cfg = config(size)
         for mode in ("bf16", "int8", "int4"):
             est = computed_bytes(cfg, mode)

@@ -111,6 +111,15 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x); (norm(x), x) for the first layer. x, residual: [T, dim].
+        On CUDA one Triton launch does the add and the norm (the residual is updated in place)."""
+        if x.is_cuda and x.dim() == 2 and triton_kernels.available():
+            return triton_kernels.add_rmsnorm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+        return self(x), x
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [T, heads, head_dim]; cos/sin: [T, 1, head_dim] (HF's rotate-half convention)
@@ -166,7 +175,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cuda and gate_up.dim() == 2 and triton_kernels.available():
+            return self.down_proj(triton_kernels.silu_mul(gate_up))
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
 
@@ -178,9 +190,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, kv, meta):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, kv, meta):  # type: ignore[no-untyped-def]
+        """x: the previous layer's output, residual: the stream it adds to (None before the first layer).
+        Returns (this layer's MLP output, the residual stream before it), so the next add fuses with a norm."""
+        h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, rope, kv, meta)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -207,9 +223,10 @@ class LlamaModel(nn.Module):
         """input_ids, positions: [T] -> final-normed hidden states [T, dim]."""
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions)
+        residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv, meta)
+        return self.norm.add_forward(x, residual)[0]
 
     def dense_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """A right-padded batch [B, L] without the KV cache -> final-normed hidden states [B, L, dim]. Causal

@@ -132,3 +132,66 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
         qkv, positions, inv_freq, k_cache, v_cache, slots, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
         NUM_HEADS=num_heads, NUM_KV=num_kv, HEAD_DIM=head_dim, num_warps=1,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _norm_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, stride_r, stride_o,
+                           HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:  # residual += x (rounded to the model dtype, as the unfused add would), in place
+            r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(r_ptr.dtype.element_ty)
+            tl.store(r_ptr + row * stride_r + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (xf * inv).to(out_ptr.dtype.element_ty).to(tl.float32) * w  # HF: weight * normed.to(dtype)
+        tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < inter
+        g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0)
+        s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty)  # silu(gate) in the model dtype, then * up
+        tl.store(out_ptr + row * stride_o + cols, (s.to(tl.float32) * u.to(tl.float32)).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+    return add_rmsnorm_kernel, silu_mul_kernel
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(residual + x), residual + x) in one launch, the new residual written in place; without a
+    residual: (rmsnorm(x), x). x, residual: [T, dim]. Replaces an add and a norm kernel per call."""
+    import triton
+
+    t, dim = x.shape
+    out = torch.empty_like(x)
+    block = triton.next_power_of_2(dim)
+    kernel = _norm_kernels()[0]
+    r = residual if residual is not None else x
+    kernel[(t,)](x, r, weight, out, dim, eps, x.stride(0), r.stride(0), out.stride(0),
+                 HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return out, r
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [T, 2 * I] -> [T, I], one launch instead of two."""
+    t, two_i = gate_up.shape
+    inter = two_i // 2
+    out = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _norm_kernels()[1][(t, (inter + block - 1) // block)](gate_up, out, inter, gate_up.stride(0), out.stride(0),
+                                                          BLOCK=block, num_warps=4)
+    return out
