@@ -129,6 +129,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum a row-parallel layer's partial outputs over the tensor-parallel ranks (no-op without a group)."""
+    if group is not None:
+        torch.distributed.all_reduce(x, group=group)
+    return x
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -136,6 +143,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.d, bias=False)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
         self.scale = self.d**-0.5
+        self.tp_group: Any = None  # tensor parallel: this rank holds some heads; o_proj's partial sums add up
 
     def forward(self, x: torch.Tensor, rope: Rope, kv: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -153,7 +161,7 @@ class Attention(nn.Module):
             q = apply_rope(q.view(t, self.h, self.d), rope.cos, rope.sin)
             k = apply_rope(k.view(t, self.kvh, self.d), rope.cos, rope.sin)
             o = paged_attention(q, k, v.view(t, self.kvh, self.d), kv[0], kv[1], meta, self.scale)
-        return self.o_proj(o.reshape(t, self.h * self.d))
+        return all_reduce(self.o_proj(o.reshape(t, self.h * self.d)), self.tp_group)
 
     def dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Cache-free causal attention over a right-padded batch x [B, L, dim] (embeddings)."""
@@ -164,7 +172,7 @@ class Attention(nn.Module):
         v = v.view(b, n, self.kvh, self.d).transpose(1, 2)
         o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                                        enable_gqa=self.h != self.kvh)
-        return self.o_proj(o.transpose(1, 2).reshape(b, n, self.h * self.d))
+        return all_reduce(self.o_proj(o.transpose(1, 2).reshape(b, n, self.h * self.d)), self.tp_group)
 
 
 class MLP(nn.Module):
@@ -173,13 +181,14 @@ class MLP(nn.Module):
         self.inter = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.tp_group: Any = None  # tensor parallel: this rank holds a slice of the intermediate size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if gate_up.is_cuda and gate_up.dim() == 2 and triton_kernels.available():
-            return self.down_proj(triton_kernels.silu_mul(gate_up))
+            return all_reduce(self.down_proj(triton_kernels.silu_mul(gate_up)), self.tp_group)
         gate, up = gate_up.split(self.inter, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return all_reduce(self.down_proj(nn.functional.silu(gate) * up), self.tp_group)
 
 
 class DecoderLayer(nn.Module):

@@ -66,6 +66,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.num_blocks = cache.num_blocks or self._blocks_from_memory(cache)
+        self._cache_sized(cache, max_num_seqs, max_model_len, use_cuda_graphs)
         # one extra block at the end: padded rows of graph replays write there
         slots = (self.num_blocks + 1) * self.block_size
         shape = (slots, self.cfg.num_kv_heads, self.cfg.head_dim)
@@ -81,6 +82,10 @@ class ModelRunner:
         self.graph_sizes: list[int] = []
         if use_cuda_graphs and self.device.type == "cuda":
             self._capture_graphs(max_num_seqs)
+
+    def _cache_sized(self, cache: CacheConfig, max_num_seqs: int, max_model_len: int, graphs: bool) -> None:
+        """Hook: the KV cache's size is known, nothing is allocated or captured yet (tensor parallelism
+        tells its other ranks here, so they allocate the same blocks and capture graphs alongside)."""
 
     @property
     def capacity_tokens(self) -> int:

@@ -1,0 +1,54 @@
+"""Tensor parallelism on CPU (gloo): two ranks, each with half the heads and half the MLP, give transformers'
+greedy output token for token, with chunked prefill, mixed arrivals and prefix-cache hits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine.conftest import IdTokenizer, hf_greedy, run, tiny_hf
+from worker.engine import tensor_parallel as tp
+from worker.engine.engine import LLMEngine
+from worker.engine.model import LlamaConfig
+from worker.engine.model_runner import CacheConfig
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_hf(seed=11, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160)
+
+
+def test_shard_config_refuses_uneven_splits(hf):
+    cfg = LlamaConfig.from_hf(hf.config)
+    assert tp.shard_config(cfg, 2).num_kv_heads == 1
+    with pytest.raises(ValueError, match="key/value heads"):
+        tp.shard_config(cfg, 4)
+
+
+def test_two_ranks_match_transformers(hf):
+    cfg = LlamaConfig.from_hf(hf.config)
+    source = tp.ShardSource(cfg, torch.float32, state={k: v.clone() for k, v in hf.state_dict().items()})
+    runner = tp.start(2, source, CacheConfig(block_size=4, num_blocks=256), 8, 512)
+    try:
+        engine = LLMEngine(runner, IdTokenizer(), max_num_seqs=8, max_batched_tokens=48)
+        prompts = [[(5 * i + 3 * j) % 300 + 3 for j in range(9 + 17 * i)] for i in range(4)]
+        prompts.append(prompts[3][:40] + [7, 8, 9])  # shares full blocks with prompt 3: a prefix-cache hit
+        out = run(engine, {0: [(f"r{i}", p, 12) for i, p in enumerate(prompts[:2])],
+                           3: [(f"r{i}", p, 12) for i, p in enumerate(prompts[2:], 2)]})
+        for i, p in enumerate(prompts):
+            assert out[f"r{i}"] == hf_greedy(hf, p, 12), i
+        assert runner.model.cfg.num_heads == 2 and runner.kv_caches[0][0].shape[1] == 1  # half the heads each
+    finally:
+        runner.close()
+
+
+def test_random_shards_are_slices_of_one_random_model():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8)
+    whole = tp.ShardSource(cfg, torch.float32).build(1, 0, torch.device("cpu"))
+    half = tp.ShardSource(cfg, torch.float32)
+    full = {n: tp.random_tensor(n, s, torch.float32, torch.device("cpu"), 0) for n, s in tp.hf_shapes(cfg).items()}
+    assert torch.equal(whole.layers[1].mlp.down_proj.weight, full["model.layers.1.mlp.down_proj.weight"])
+    shard = tp.shard_state(full, cfg, 2, 1)
+    assert shard["model.layers.0.self_attn.o_proj.weight"].shape == (32, 16)
+    assert half.cfg is cfg
