@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import multiprocessing.connection
 import os
+import pickle
 import socket
 import zlib
 from dataclasses import dataclass
@@ -208,7 +209,7 @@ def _peer_main(rank: int, world: int, port: int, source: ShardSource, conn: mult
     cache, max_num_seqs, max_model_len, graphs = conn.recv()
     runner = ModelRunner(model, cache, max_num_seqs, max_model_len, use_cuda_graphs=graphs)
     while True:
-        msg = conn.recv()
+        msg = pickle.loads(conn.recv_bytes())
         if msg[0] == "step":
             runner.execute(restore(msg[1]))  # type: ignore[arg-type]
         elif msg[0] == "embed":
@@ -233,23 +234,24 @@ class TensorParallelRunner(ModelRunner):
         for conn in self.peers:
             conn.send((sized, max_num_seqs, max_model_len, graphs))
 
-    def execute(self, batch: Batch) -> tuple[torch.Tensor, list[Any]]:
-        msg = ("step", snapshot(batch))
+    def _tell(self, msg: tuple) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)  # once, for every rank
         for conn in self.peers:
-            conn.send(msg)
+            conn.send_bytes(data)
+
+    def execute(self, batch: Batch) -> tuple[torch.Tensor, list[Any]]:
+        self._tell(("step", snapshot(batch)))
         return super().execute(batch)
 
     def embed(self, inputs: list[list[int]], max_batch_tokens: int = 8192) -> list[torch.Tensor]:
-        for conn in self.peers:
-            conn.send(("embed", inputs))
+        self._tell(("embed", inputs))
         return super().embed(inputs, max_batch_tokens)
 
     def close(self) -> None:
-        for conn in self.peers:
-            try:
-                conn.send(("stop",))
-            except (OSError, BrokenPipeError):
-                pass
+        try:
+            self._tell(("stop",))
+        except (OSError, BrokenPipeError):
+            pass
         for p in self.procs:
             p.join(timeout=30)
             if p.is_alive():
