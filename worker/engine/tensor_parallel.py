@@ -146,6 +146,10 @@ def _init(rank: int, world: int, port: int) -> torch.device:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
+    # a first collective sets up NCCL's buffers now, so the KV cache is sized around them
+    dist.all_reduce(torch.ones(1, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return device
 
 
