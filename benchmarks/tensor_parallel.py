@@ -2,6 +2,7 @@
 
     python benchmarks/tensor_parallel.py --check          # 7B shape, fp32: greedy with TP=2 == TP=1
     python benchmarks/tensor_parallel.py --speed --tp 4   # 65B shape, bf16: batch-1 decode and the 512-request
+                                                          # (add --graphs for decode CUDA graphs: experimental)
                                                           # workload of benchmarks/engine_offline.py
 Prints JSON; random weights (each rank generates only its own slice).
 """
@@ -72,9 +73,11 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--tp", type=int, default=4)
     ap.add_argument("--requests", type=int, default=512)
-    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--graphs", action="store_true", help="decode CUDA graphs with captured all-reduces (experimental: "
+                    "multi-sequence runs hung on 4x H100)")
+    ap.add_argument("--no-graphs", action="store_true", help="(the default)")
     a = ap.parse_args()
-    graphs = not a.no_graphs
+    graphs = a.graphs and not a.no_graphs
     out: dict = {"device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}", "cuda_graphs": graphs}
     if a.check:
         cfg = config("7b")

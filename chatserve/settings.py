@@ -111,6 +111,7 @@ class WorkerSettings(BaseSettings):
     chat_template: str = field(default="", metadata={"help": "named template ('' = tokenizer's own, else family match)"})
     lora: list[str] = field(default_factory=list, metadata={"help": "PEFT LoRA adapter folders merged into the weights at load (comma-separated, in order)"})
     quantize: str = field(default="", metadata={"help": "weight-only quantization: '', int8 or int4"})
+    tensor_parallel: int = field(default=1, metadata={"help": "GPUs of this host one model is split across (heads and MLP)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32"})
     max_num_seqs: int = field(default=64, metadata={"help": "sequences batched at once"})

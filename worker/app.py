@@ -106,12 +106,23 @@ def build_engine(settings: WorkerSettings) -> tuple[LoadedModel, LLMEngine]:
         raise ModelLoadError(f"--quantize must be int8 or int4 (got {settings.quantize!r})")
     loaded = load_model(settings.model_path or None, device=device, dtype=dtype,
                         context_length=settings.context_length, name=settings.model_name or None,
-                        lora=settings.lora, quantize=settings.quantize)
+                        lora=settings.lora, quantize=settings.quantize, tensor_parallel=settings.tensor_parallel)
     log.info("model %s loaded in %.1fs", loaded.name, time.monotonic() - t0)
     cache = CacheConfig(block_size=settings.block_size, gpu_memory_utilization=settings.gpu_memory_utilization,
                         cpu_cache_tokens=settings.kv_cache_tokens)
-    runner = ModelRunner(loaded.model, cache, settings.max_num_seqs, loaded.context_length,
-                         use_cuda_graphs=settings.cuda_graphs)
+    if settings.tensor_parallel > 1:
+        from worker.engine import tensor_parallel
+
+        if device == "cuda" and torch.cuda.device_count() < settings.tensor_parallel:
+            raise ModelLoadError(f"--tensor-parallel {settings.tensor_parallel} needs that many GPUs; this host has "
+                                 f"{torch.cuda.device_count()}")
+        # decode CUDA graphs stay off across ranks for now: captured all-reduces hung multi-sequence runs
+        runner: ModelRunner = tensor_parallel.start(settings.tensor_parallel, loaded.shards, cache,
+                                                    settings.max_num_seqs, loaded.context_length, False)
+        loaded.model, loaded.shards = runner.model, None
+    else:
+        runner = ModelRunner(loaded.model, cache, settings.max_num_seqs, loaded.context_length,
+                             use_cuda_graphs=settings.cuda_graphs)
     log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f full %d-token sequences)", runner.num_blocks,
              runner.block_size, runner.capacity_tokens, runner.capacity_tokens / loaded.context_length,
              loaded.context_length)

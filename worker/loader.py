@@ -36,11 +36,12 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(slots=True)
 class LoadedModel:
-    model: LlamaModel
+    model: LlamaModel | None  # None until the tensor-parallel ranks have built their slices
     tokenizer: Any
     name: str
     path: str
     context_length: int
+    shards: Any = None  # tensor parallel: the ShardSource every rank slices its weights from
 
 
 def embedded_model_path() -> Path:
@@ -116,7 +117,8 @@ def gguf_is_4bit(path: Path) -> bool:
 
 
 def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, context_length: int | None,
-               name: str | None = None, lora: list[str] | None = None, quantize: str = "") -> LoadedModel:
+               name: str | None = None, lora: list[str] | None = None, quantize: str = "",
+               tensor_parallel: int = 1) -> LoadedModel:
     folder, gguf = resolve(model_path)
     if gguf is None and is_meta_folder(folder) and not (folder / "config.json").exists():
         log.info("reading the Meta layout in %s (converted on load)", folder)
@@ -133,6 +135,18 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
             raise ModelLoadError(str(exc)) from exc
         log.info("merged LoRA adapter %s into %d modules", adapter, n)
     cfg = LlamaConfig.from_hf(hf_config)
+    ctx = context_length or min(cfg.max_position_embeddings, 2048)
+    if tensor_parallel > 1:
+        from worker.engine.tensor_parallel import ShardSource, shard_config
+
+        if quantize:
+            raise ModelLoadError("--quantize and --tensor-parallel cannot be combined yet")
+        try:
+            shard_config(cfg, tensor_parallel)
+        except ValueError as exc:
+            raise ModelLoadError(f"{folder}: {exc}") from exc
+        return LoadedModel(None, tokenizer, name or default_name(model_path), str(folder), ctx,
+                           ShardSource(cfg, dtype, state=state))
     with torch.device("meta"):
         model = LlamaModel(cfg)
     model = model.to_empty(device=device).to(dtype)
@@ -148,7 +162,6 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
 
         group = 32 if gguf and gguf_is_4bit(folder / gguf) else DEFAULT_INT4_GROUP
         quantize_model(model, quantize, group)
-    ctx = context_length or min(cfg.max_position_embeddings, 2048)
     return LoadedModel(model.eval(), tokenizer, name or default_name(model_path), str(folder), ctx)
 
 
