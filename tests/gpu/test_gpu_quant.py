@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.engine.conftest import IdTokenizer, greedy, run, tiny_hf
+from tests.engine.conftest import IdTokenizer, run, tiny_hf
 from worker.engine.engine import LLMEngine
 from worker.engine.model import LlamaConfig, LlamaModel
 from worker.engine.model_runner import CacheConfig, ModelRunner
