@@ -46,9 +46,10 @@ def test_random_shards_are_slices_of_one_random_model():
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8)
     whole = tp.ShardSource(cfg, torch.float32).build(1, 0, torch.device("cpu"))
-    half = tp.ShardSource(cfg, torch.float32)
+    second = tp.ShardSource(cfg, torch.float32).build(2, 1, torch.device("cpu"))  # rank 1 of 2, built alone
     full = {n: tp.random_tensor(n, s, torch.float32, torch.device("cpu"), 0) for n, s in tp.hf_shapes(cfg).items()}
     assert torch.equal(whole.layers[1].mlp.down_proj.weight, full["model.layers.1.mlp.down_proj.weight"])
     shard = tp.shard_state(full, cfg, 2, 1)
-    assert shard["model.layers.0.self_attn.o_proj.weight"].shape == (32, 16)
-    assert half.cfg is cfg
+    assert torch.equal(second.layers[0].self_attn.o_proj.weight, shard["model.layers.0.self_attn.o_proj.weight"])
+    assert second.layers[0].self_attn.o_proj.weight.shape == (32, 16)
+    assert torch.equal(second.lm_head.weight, whole.lm_head.weight)  # replicated tensors agree
