@@ -38,19 +38,23 @@ def arena_worker(platform, request) -> Iterator[procs.Service]:
     """A second model name for the arena: the embedded model again, served by its own worker."""
     w = procs.worker(platform.controller.url, "--dtype", "float32", "--model-name", ARENA_MODEL).start()
     request.node.services = [w]
-    w.wait(ok=procs.worker_registered, timeout=300)
-    platform.gateway.wait(path="/v1/models", ok=lambda r: ARENA_MODEL in r.text)
-    yield w
-    w.stop()
+    try:
+        w.wait(ok=procs.worker_registered, timeout=300)
+        platform.gateway.wait(path="/v1/models", ok=lambda r: ARENA_MODEL in r.text)
+        yield w
+    finally:
+        w.stop()
 
 
 @pytest.fixture(scope="module")
 def ui(platform, arena_worker, request, db) -> Iterator[procs.Service]:
     ui = procs.webui(platform.api_url, "--database", str(db)).start()
     request.node.services = [arena_worker, ui]
-    ui.wait(path="/", timeout=120)
-    yield ui
-    ui.stop()
+    try:
+        ui.wait(path="/", timeout=120)
+        yield ui
+    finally:
+        ui.stop()
 
 
 @pytest.fixture(scope="module")

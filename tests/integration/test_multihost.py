@@ -104,13 +104,15 @@ def hosts(net, request) -> Iterator[dict[str, procs.Service]]:
     request.node.services = list(services.values())
     for s in services.values():
         s.start()
-    c.wait()
-    w1.wait(ok=procs.worker_registered, timeout=300)
-    w2.wait(ok=procs.worker_registered, timeout=300)
-    g.wait(ok=procs.gateway_has_models)
-    yield services
-    for s in (g, w1, w2, c):
-        s.stop()
+    try:
+        c.wait()
+        w1.wait(ok=procs.worker_registered, timeout=300)
+        w2.wait(ok=procs.worker_registered, timeout=300)
+        g.wait(ok=procs.gateway_has_models)
+        yield services
+    finally:
+        for s in (g, w1, w2, c):
+            s.stop()
 
 
 def workers(hosts) -> dict[str, dict]:
