@@ -22,20 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.engine_offline import NumberTokenizer, engine_batch1, engine_offline, workload  # noqa: E402
+from benchmarks.quant_decode import config  # noqa: E402  (LLaMA-1 shapes 7B..65B)
 from chatserve.protocol.sampling import SamplingParams  # noqa: E402
 from worker.engine import tensor_parallel as tp  # noqa: E402
 from worker.engine.engine import LLMEngine  # noqa: E402
 from worker.engine.model import LlamaConfig  # noqa: E402
 from worker.engine.model_runner import CacheConfig, ModelRunner  # noqa: E402
-
-SHAPES = {"7b": (4096, 32, 32, 11008), "65b": (8192, 80, 64, 22016)}
-
-
-def config(shape: str) -> LlamaConfig:
-    dim, layers, heads, ffn = SHAPES[shape]
-    return LlamaConfig(vocab_size=32000, hidden_size=dim, intermediate_size=ffn, num_layers=layers, num_heads=heads,
-                       num_kv_heads=heads, head_dim=dim // heads, max_position_embeddings=2048)
-
 
 def runner_for(world: int, cfg: LlamaConfig, dtype: torch.dtype, max_num_seqs: int, graphs: bool,
                util: float = 0.8) -> ModelRunner:
@@ -80,7 +72,7 @@ def main() -> None:
     graphs = a.graphs and not a.no_graphs
     out: dict = {"device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}", "cuda_graphs": graphs}
     if a.check:
-        cfg = config("7b")
+        cfg = config("7B")
         prompts = workload(6, 20, 400, cfg.vocab_size, seed=3)
         results = {}
         for world in (1, 2):
@@ -93,7 +85,7 @@ def main() -> None:
                                 "equal": same == len(prompts)}
         print(json.dumps(out), flush=True)
     if a.speed:
-        cfg = config("65b")
+        cfg = config("65B")
         runner = runner_for(a.tp, cfg, torch.bfloat16, 256, graphs)
         engine = LLMEngine(runner, NumberTokenizer(), max_num_seqs=256, max_batched_tokens=8192)
         t0 = time.perf_counter()

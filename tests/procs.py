@@ -120,3 +120,16 @@ def extra_gateway(platform, request, *args: str):  # type: ignore[no-untyped-def
     g.wait(ok=gateway_has_models)
     yield g
     g.stop()
+
+
+def extra_worker(platform, request, model_name: str, *args: str):  # type: ignore[no-untyped-def]
+    """Another fp32 worker of the embedded model, serving it as `model_name` behind the session platform,
+    for a module fixture to `yield from`; stopped even when its start-up fails."""
+    w = worker(platform.controller.url, "--dtype", "float32", "--model-name", model_name, *args).start()
+    request.node.services = [w]
+    try:
+        w.wait(ok=worker_registered, timeout=300)
+        platform.gateway.wait(path="/v1/models", ok=lambda r: model_name in r.text)
+        yield w
+    finally:
+        w.stop()

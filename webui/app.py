@@ -168,8 +168,8 @@ def build_demo(settings: WebUISettings, store: Store | None = None) -> gr.Blocks
             battle.anonymous = mode == "Anonymous"
         text, ha = callbacks.add_user_message(message, ha, limits)
         _, hb = callbacks.add_user_message(message, hb, limits)
-        names = ("Model A", "Model B") if battle.anonymous else tuple(f"Model A: {m}" for m in battle.models[:1]) + \
-            tuple(f"Model B: {m}" for m in battle.models[1:])
+        names = ("Model A", "Model B") if battle.anonymous else \
+            (f"Model A: {battle.models[0]}", f"Model B: {battle.models[1]}")
         return text, ha, hb, battle, "", f"### {names[0]}", f"### {names[1]}"
 
     async def arena_bot(uid: str, battle: Battle | None, ha: History, hb: History, system: str, temperature: float,

@@ -206,7 +206,8 @@ async def stream_reply(client: GatewayClient, history: History, p: ChatParams,
     messages = to_api_messages(history, p.system)
     max_tokens = int(p.max_tokens)
     try:
-        fit = await fit_context(lambda m: client.count_tokens(p.model, m), messages, max_tokens)
+        async with httpx.AsyncClient(timeout=30) as http:
+            fit = await fit_context(lambda m: client.count_tokens(p.model, m, http), messages, max_tokens)
         messages, max_tokens = fit.messages, fit.max_tokens
         if fit.dropped_turns:
             history.append(notice(f"This chat no longer fits the model's {fit.context:,}-token context: the oldest "

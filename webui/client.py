@@ -52,14 +52,17 @@ class GatewayClient:
         finally:
             await client.close()
 
-    async def count_tokens(self, model: str, messages: list[dict[str, str]]) -> tuple[int, int]:
-        """(prompt tokens as the worker renders them, the model's context length)."""
-        async with httpx.AsyncClient(timeout=30) as http:
-            r = await http.post(f"{self.root}/tokenize", headers=self._headers(),
-                                json={"model": model, "messages": messages})
-            r.raise_for_status()
-            body = r.json()
-            return int(body["count"]), int(body["max_model_len"])
+    async def count_tokens(self, model: str, messages: list[dict[str, str]],
+                           http: httpx.AsyncClient | None = None) -> tuple[int, int]:
+        """(prompt tokens as the worker renders them, the model's context length). Pass `http` to reuse one
+        connection over several counts (trimming a long chat counts once per dropped turn)."""
+        if http is None:
+            async with httpx.AsyncClient(timeout=30) as own:
+                return await self.count_tokens(model, messages, own)
+        r = await http.post(f"{self.root}/tokenize", headers=self._headers(), json={"model": model, "messages": messages})
+        r.raise_for_status()
+        body = r.json()
+        return int(body["count"]), int(body["max_model_len"])
 
     async def status(self) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=10) as http:

@@ -102,8 +102,6 @@ def build_engine(settings: WorkerSettings) -> tuple[LoadedModel, LLMEngine]:
     device, dtype = resolve_device(settings)
     log.info("loading model %s on %s (%s)", settings.model_path or "<embedded SmolLM2-135M-Instruct>", device, dtype)
     t0 = time.monotonic()
-    if settings.quantize not in ("", "int8", "int4"):
-        raise ModelLoadError(f"--quantize must be int8 or int4 (got {settings.quantize!r})")
     loaded = load_model(settings.model_path or None, device=device, dtype=dtype,
                         context_length=settings.context_length, name=settings.model_name or None,
                         lora=settings.lora, quantize=settings.quantize, tensor_parallel=settings.tensor_parallel)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from worker.engine.model import LlamaConfig, LlamaModel, rope_inv_freq
+from worker.engine.quant import DEFAULT_INT4_GROUP, quantize_model
+from worker.engine.quant import MODES as QUANT_MODES
 from worker.formats.lora import LoraError, merge_lora
 from worker.formats.meta import MetaFormatError, is_meta_folder, load_meta
 
@@ -119,6 +121,8 @@ def gguf_is_4bit(path: Path) -> bool:
 def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, context_length: int | None,
                name: str | None = None, lora: list[str] | None = None, quantize: str = "",
                tensor_parallel: int = 1) -> LoadedModel:
+    if quantize and quantize not in QUANT_MODES:  # before minutes of loading, not after
+        raise ModelLoadError(f"--quantize must be one of {', '.join(QUANT_MODES)} (got {quantize!r})")
     folder, gguf = resolve(model_path)
     if gguf is None and is_meta_folder(folder) and not (folder / "config.json").exists():
         log.info("reading the Meta layout in %s (converted on load)", folder)
@@ -158,8 +162,6 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
         raise ModelLoadError(f"{folder}: {exc}") from exc
     del state
     if quantize:
-        from worker.engine.quant import DEFAULT_INT4_GROUP, quantize_model
-
         group = 32 if gguf and gguf_is_4bit(folder / gguf) else DEFAULT_INT4_GROUP
         quantize_model(model, quantize, group)
     return LoadedModel(model.eval(), tokenizer, name or default_name(model_path), str(folder), ctx)

@@ -12,7 +12,10 @@ from collections.abc import Sequence
 
 import httpx
 
-DEFAULT_PORTS = {"controller": 21001, "worker": 21002, "gateway": 8000, "webui": 7860, "up": 8000}
+from chatserve.settings import ControllerSettings, GatewaySettings, WebUISettings, WorkerSettings
+
+DEFAULT_PORTS = {"controller": ControllerSettings.port, "worker": WorkerSettings.port,
+                 "gateway": GatewaySettings.port, "webui": WebUISettings.port, "up": GatewaySettings.port}
 
 
 def service_and_port(argv: Sequence[str], env: dict[str, str]) -> tuple[str, int]:

@@ -36,14 +36,7 @@ def db(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def arena_worker(platform, request) -> Iterator[procs.Service]:
     """A second model name for the arena: the embedded model again, served by its own worker."""
-    w = procs.worker(platform.controller.url, "--dtype", "float32", "--model-name", ARENA_MODEL).start()
-    request.node.services = [w]
-    try:
-        w.wait(ok=procs.worker_registered, timeout=300)
-        platform.gateway.wait(path="/v1/models", ok=lambda r: ARENA_MODEL in r.text)
-        yield w
-    finally:
-        w.stop()
+    yield from procs.extra_worker(platform, request, ARENA_MODEL)
 
 
 @pytest.fixture(scope="module")

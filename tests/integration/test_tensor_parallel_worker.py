@@ -15,15 +15,7 @@ TP_MODEL = "SmolLM2-135M-tp3"
 
 @pytest.fixture(scope="module")
 def tp_worker(platform, request):
-    w = procs.worker(platform.controller.url, "--dtype", "float32", "--tensor-parallel", "3",
-                     "--model-name", TP_MODEL).start()
-    request.node.services = [w]
-    try:
-        w.wait(ok=procs.worker_registered, timeout=300)
-        platform.gateway.wait(path="/v1/models", ok=lambda r: TP_MODEL in r.text)
-        yield w
-    finally:
-        w.stop()
+    yield from procs.extra_worker(platform, request, TP_MODEL, "--tensor-parallel", "3")
 
 
 def test_three_rank_worker_answers_like_one(platform, tp_worker):

@@ -74,11 +74,10 @@ class QuantLinear(nn.Module):
                 self.inner_k = next(t for t in (8, 4, 2) if self.in_features % (t * 32) == 0)
                 packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
                 self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack(packed, self.inner_k))
-                self.register_buffer("scales", sz.to(torch.bfloat16))
             else:
                 self.inner_k = 2
                 self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, self.inner_k))
-                self.register_buffer("scales", sz.to(torch.bfloat16))
+            self.register_buffer("scales", sz.to(torch.bfloat16))
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.mode}"

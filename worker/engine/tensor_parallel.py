@@ -184,15 +184,6 @@ class _Item:
     samples: bool
 
 
-@dataclass
-class _Batch:
-    items: list[_Item]
-
-    @property
-    def is_decode_only(self) -> bool:
-        return all(it.num_tokens == 1 and it.samples for it in self.items)
-
-
 def snapshot(batch: Batch) -> list[tuple]:
     out = []
     for it in batch.items:
@@ -202,9 +193,10 @@ def snapshot(batch: Batch) -> list[tuple]:
     return out
 
 
-def restore(items: list[tuple]) -> _Batch:
-    return _Batch([_Item(_Seq(_Window(start, ids), start, table), n, samples)
-                   for start, ids, table, n, samples in items])
+def restore(items: list[tuple]) -> Batch:
+    """A Batch whose items carry just what the model runner reads (duck-typed ScheduledSeq / Sequence)."""
+    return Batch([_Item(_Seq(_Window(start, ids), start, table), n, samples)  # type: ignore[misc]
+                  for start, ids, table, n, samples in items])
 
 
 def _peer_main(rank: int, world: int, port: int, source: ShardSource, conn: multiprocessing.connection.Connection) -> None:
@@ -215,7 +207,7 @@ def _peer_main(rank: int, world: int, port: int, source: ShardSource, conn: mult
     while True:
         msg = pickle.loads(conn.recv_bytes())
         if msg[0] == "step":
-            runner.execute(restore(msg[1]))  # type: ignore[arg-type]
+            runner.execute(restore(msg[1]))
         elif msg[0] == "embed":
             runner.embed(msg[1])
         else:
