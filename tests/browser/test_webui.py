@@ -101,12 +101,23 @@ def send(page, text: str, box: str = "#input") -> None:
 
 
 def set_slider(page, elem_id: str, value: float) -> None:
+    """Type a value into a slider's number box and wait until the slider holds it. The page may still be
+    hydrating (Gradio renders on the server first): a value typed before the box's listeners are attached
+    is lost, so type again until it takes."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    # the slider takes the typed value asynchronously: acting before it has would use the old value
-    page.wait_for_function(f"() => document.querySelector('#{elem_id} input[type=range]').value === '{value}'",
-                           timeout=10_000)
+    for _ in range(10):
+        box.fill(str(value))
+        box.press("Tab")
+        try:
+            page.wait_for_function(
+                f"() => document.querySelector('#{elem_id} input[type=range]').value === '{value}'",
+                timeout=3_000)
+            return
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError(f"slider {elem_id} did not take {value}")
 
 
 def only_conversation(db: Path) -> str:
