@@ -6,7 +6,8 @@ TTFT and inter-token latency p50/p99. Starts its own controller, worker and gate
 --api-url is given.
 
     python benchmarks/serve_multiturn.py --users 1,8 --turns 3 --tokens 64
-    python benchmarks/serve_multiturn.py --users 4 --turns 5 --system-tokens 500   # prefix-cache check
+    python benchmarks/serve_multiturn.py --users 1,8 --turns 5 --tokens 32 --system-tokens 500 --rounds 5
+                                                                              # prefix-cache check
 """
 
 from __future__ import annotations
@@ -73,13 +74,19 @@ async def user(client: httpx.AsyncClient, url: str, model: str, uid: int, turns:
                         "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)})
 
 
-async def run_users(url: str, model: str, users: int, turns: int, tokens: int, system: str) -> dict:
+async def run_users(url: str, model: str, users: int, turns: int, tokens: int, system: str,
+                    first_uid: int = 0, rounds: int = 1) -> dict:
+    """`rounds` runs of `users` concurrent conversations, one after another (new conversations each
+    round): the per-turn percentiles then rest on users x rounds samples, not on `users` alone."""
     results: list[dict] = []
     limits = httpx.Limits(max_connections=users + 4)
+    wall = 0.0
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(user(client, url, model, u, turns, tokens, system, results) for u in range(users)))
-        wall = time.perf_counter() - t0
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            await asyncio.gather(*(user(client, url, model, first_uid + r * users + u, turns, tokens, system,
+                                        results) for u in range(users)))
+            wall += time.perf_counter() - t0
     out_tokens = sum(r["completion_tokens"] for r in results)
     per_turn = {}
     for t in range(1, turns + 1):
@@ -90,7 +97,7 @@ async def run_users(url: str, model: str, users: int, turns: int, tokens: int, s
                        "itl_p50_ms": round(1000 * pct(itl, 0.5), 1), "itl_p99_ms": round(1000 * pct(itl, 0.99), 1),
                        "prompt_tokens_mean": round(statistics.mean(r["prompt_tokens"] for r in rs)),
                        "cached_tokens_mean": round(statistics.mean(r["cached_tokens"] for r in rs))}
-    return {"users": users, "turns": turns, "tokens_per_turn": tokens, "wall_s": round(wall, 2),
+    return {"users": users, "rounds": rounds, "turns": turns, "tokens_per_turn": tokens, "wall_s": round(wall, 2),
             "output_tokens": out_tokens, "output_tok_s": round(out_tokens / wall, 1), "per_turn": per_turn}
 
 
@@ -114,6 +121,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--system-tokens", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1, help="conversations per user, one after another (more "
+                    "samples per turn for the percentiles)")
     ap.add_argument("--worker-args", default="", help="extra worker flags when the script starts the stack")
     ap.add_argument("--show-logs", action="store_true", help="print the services' warnings at the end")
     a = ap.parse_args()
@@ -124,10 +133,12 @@ def main() -> None:
     try:
         model = a.model or httpx.get(url + "/models").json()["data"][0]["id"]
         system = system_prompt(a.system_tokens)
-        asyncio.run(run_users(url, model, 1, 1, 8, system))  # warm-up
+        # warm-up: a conversation no measured user holds, so turn 1 finds the system prompt cached (as on a
+        # serving host) but not its own first message
+        asyncio.run(run_users(url, model, 1, 1, 8, system, first_uid=10_000))
         report = {"model": model, "api_url": url, "system_prompt_tokens_approx": a.system_tokens, "runs": []}
         for u in [int(x) for x in a.users.split(",")]:
-            report["runs"].append(asyncio.run(run_users(url, model, u, a.turns, a.tokens, system)))
+            report["runs"].append(asyncio.run(run_users(url, model, u, a.turns, a.tokens, system, rounds=a.rounds)))
         runs = report["runs"]
         if len(runs) > 1:
             report["scaling_vs_first"] = {r["users"]: round(r["output_tok_s"] / runs[0]["output_tok_s"], 2) for r in runs}

@@ -31,7 +31,8 @@ def tiny_hf(seed: int = 0, **overrides) -> LlamaForCausalLM:
 
 
 def engine_for(hf: LlamaForCausalLM, num_blocks: int = 0, block_size: int = 4, budget: int = 64,
-               max_num_seqs: int = 16, prefix_caching: bool = True) -> LLMEngine:
+               max_num_seqs: int = 16, prefix_caching: bool = True, overlap: bool | None = None) -> LLMEngine:
+    """`overlap`: pipelined output processing (the GPU's mode) on or off; None: the device's default."""
     cfg = LlamaConfig.from_hf(hf.config)
     p = next(hf.parameters())
     with torch.device(p.device):
@@ -39,8 +40,11 @@ def engine_for(hf: LlamaForCausalLM, num_blocks: int = 0, block_size: int = 4, b
     model.load_hf_state_dict(hf.state_dict())
     runner = ModelRunner(model, CacheConfig(block_size=block_size, num_blocks=num_blocks or 1024),
                          max_num_seqs, hf.config.max_position_embeddings)
-    return LLMEngine(runner, IdTokenizer(), max_num_seqs=max_num_seqs, max_batched_tokens=budget,
-                     enable_prefix_caching=prefix_caching)
+    engine = LLMEngine(runner, IdTokenizer(), max_num_seqs=max_num_seqs, max_batched_tokens=budget,
+                       enable_prefix_caching=prefix_caching)
+    if overlap is not None:
+        engine.overlap = overlap
+    return engine
 
 
 def hf_greedy(hf: LlamaForCausalLM, prompt: list[int], n: int) -> list[int]:

@@ -19,13 +19,52 @@ def test_prefix_blocks_are_reused_by_a_later_sequence():
     bm = BlockManager(num_blocks=8, block_size=4)
     a = seq(range(10))
     bm.allocate(a)
+    a_table = list(a.block_table)
     a.num_computed_tokens = 10
     bm.commit_full_blocks(a)  # blocks [0..3], [4..7] are full
     bm.free_seq(a)
     b = seq([*range(10), 99, 98])
     bm.allocate(b)
-    assert b.num_cached_tokens == 8 and b.num_computed_tokens == 8
-    assert bm.hit_tokens == 8
+    # two full blocks by hash, then a's partly filled third block (8, 9) taken over as it is
+    assert b.num_cached_tokens == 10 and b.num_computed_tokens == 10
+    assert bm.hit_tokens == 10 and b.block_table[:3] == a_table[:3]
+
+
+def test_a_kept_tail_is_taken_over_only_as_far_as_the_tokens_agree():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = seq(range(7))
+    bm.allocate(a)
+    a.num_computed_tokens = 7  # block 1 holds 4, 5, 6
+    bm.commit_full_blocks(a)
+    bm.free_seq(a)
+    b = seq([0, 1, 2, 3, 4, 5, 77, 78])
+    bm.allocate(b)
+    assert b.num_computed_tokens == 6  # 4, 5 in common; 77 overwrites slot 2 of the taken-over block
+    assert not bm.tails  # taken over: no longer kept for anyone else
+    bm.free_seq(b)
+    c = seq([9, 1, 2, 3, 4, 5, 6, 8])  # same tail tokens after a different first block: not a match
+    bm.allocate(c)
+    assert c.num_computed_tokens == 0
+
+
+def test_a_tail_leaves_the_last_token_to_compute_and_is_forgotten_when_evicted():
+    bm = BlockManager(num_blocks=3, block_size=4)
+    a = seq(range(6))
+    bm.allocate(a)
+    a.num_computed_tokens = 6
+    bm.commit_full_blocks(a)
+    bm.free_seq(a)
+    same = seq(range(6))
+    bm.allocate(same)
+    assert same.num_computed_tokens == 5  # the prompt's last token is computed, to sample from
+    bm.free_seq(same)
+    other = seq(range(100, 112))  # needs all three blocks: the kept ones are reused
+    bm.allocate(other)
+    assert not bm.tails and not bm.by_hash
+    bm.free_seq(other)
+    again = seq(range(6))
+    bm.allocate(again)
+    assert again.num_computed_tokens == 0 and bm.num_free + len(again.block_table) == 3
 
 
 def test_fully_cached_prompt_still_computes_its_last_token():

@@ -83,6 +83,9 @@ class LLMEngine:
         self.last_step_decode_only = False
         self.pending: list[tuple[Sequence, SampleResult, str | None]] = []
         self._json_grammar: JsonGrammar | None = None
+        # pipelined output processing (below) pays only where the device runs asynchronously: on a CPU
+        # the forward pass blocks, so a step's tokens go out at once instead of a step later
+        self.overlap = runner.device.type == "cuda"
 
     # --- requests -----------------------------------------------------------------------------------
 
@@ -132,7 +135,8 @@ class LLMEngine:
     # detokenizes and checks stop strings for the *previous* step's tokens while the device works, then
     # waits for its own tokens. Cheap stop conditions (EOS, stop token ids, max_tokens, context) are
     # applied at once, so no extra token is computed for them; a stop string found one step later drops
-    # the token computed meanwhile (its blocks are freed before anything can reuse them).
+    # the token computed meanwhile (its blocks are freed before anything can reuse them). Without
+    # `overlap` (CPU) the step ends by processing its own tokens.
 
     @torch.inference_mode()
     def step(self) -> list[SeqOutput]:
@@ -148,6 +152,8 @@ class LLMEngine:
         self.scheduler.update(batch, {s.seq_id: r.token_id for s, r in live})
         self.throughput.add(len(live))
         self.pending = [(s, r, self._finish_early(s, r.token_id)) for s, r in live]
+        if not self.overlap:
+            outputs += self._drain_pending()
         return outputs
 
     def _finish_early(self, seq: Sequence, token: int) -> str | None:

@@ -8,6 +8,12 @@ by hash and prefills only the new tokens.
 A block with ref_count 0 stays in the cache (with its hash) on an LRU free list until it is reused for
 other tokens: only then is its hash forgotten. Invariant: every block is either referenced (ref > 0) or in
 `free` exactly once.
+
+Partial tails: when a sequence ends, its last, partly filled block is kept too, filed under the hash of the
+full block before it. The next turn of that conversation resends the history, whose tokens continue
+those of the tail: it takes the block over (it is never shared, so no copy) and computes only what comes
+after the tokens it has in common, not the whole partial block again. With 16-token blocks that is up to
+15 tokens less prefill per turn, which on a CPU is most of a short message's time to first token.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()
+    tail_parent: int | None = None  # set while the block is a kept partial tail (with is_tail)
+    is_tail: bool = False
 
 
 def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
@@ -38,6 +46,7 @@ class BlockManager:
     blocks: list[Block] = field(init=False)
     free: OrderedDict[int, None] = field(init=False)  # LRU order: first = least recently freed
     by_hash: dict[int, int] = field(init=False)
+    tails: dict[int | None, dict[int, None]] = field(init=False)  # hash of the block before -> tail blocks
     # statistics (prefix-cache queries and hits, in tokens)
     query_tokens: int = 0
     hit_tokens: int = 0
@@ -46,6 +55,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(self.num_blocks)]
         self.free = OrderedDict((i, None) for i in range(self.num_blocks))
         self.by_hash = {}
+        self.tails = {}
 
     # --- queries ------------------------------------------------------------------------------------
 
@@ -66,8 +76,33 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.hash is not None and self.by_hash.get(block.hash) == block_id:
             del self.by_hash[block.hash]
+        self._forget_tail(block)
         block.hash, block.token_ids, block.ref_count = None, (), 1
         return block
+
+    def _forget_tail(self, block: Block) -> None:
+        if block.is_tail:
+            group = self.tails[block.tail_parent]
+            del group[block.block_id]
+            if not group:
+                del self.tails[block.tail_parent]
+            block.is_tail, block.tail_parent, block.token_ids = False, None, ()
+
+    def _matching_tail(self, seq: Sequence, parent: int | None, start: int) -> tuple[int, int]:
+        """The kept tail filed under `parent` sharing the most tokens with seq from position `start`:
+        (block id, tokens in common), leaving >= 1 token of seq to compute; (-1, 0) if none."""
+        best, best_m = -1, 0
+        limit = seq.num_tokens - 1 - start
+        for block_id in self.tails.get(parent, ()):
+            kept = self.blocks[block_id].token_ids
+            m = 0
+            for a, b in zip(kept, seq.token_ids[start : start + min(len(kept), limit)]):
+                if a != b:
+                    break
+                m += 1
+            if m > best_m:
+                best, best_m = block_id, m
+        return best, best_m
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Ids of cached blocks that hold a prefix of seq's tokens (leaving >= 1 token to compute)."""
@@ -104,9 +139,18 @@ class BlockManager:
             seq.block_table.append(block_id)
         seq.num_hashed_blocks = len(hits)
         seq.last_hash = self.blocks[hits[-1]].hash if hits else None
-        for _ in range(self.blocks_needed(seq.num_tokens) - len(hits)):
+        computed = len(hits) * self.block_size
+        tail, common = self._matching_tail(seq, seq.last_hash, computed) if self.enable_prefix_caching else (-1, 0)
+        if common:  # take the kept tail over: its first `common` slots already hold these tokens
+            block = self.blocks[tail]
+            del self.free[tail]
+            self._forget_tail(block)
+            block.ref_count = 1
+            seq.block_table.append(tail)
+            computed += common
+        for _ in range(self.blocks_needed(seq.num_tokens) - len(seq.block_table)):
             seq.block_table.append(self._take_free().block_id)
-        seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = computed
         if not seq.cached_counted:  # count each request's prompt once, not again after preemption
             seq.cached_counted = True
             seq.num_cached_tokens = seq.num_computed_tokens
@@ -138,16 +182,32 @@ class BlockManager:
             seq.num_hashed_blocks, seq.last_hash = i + 1, prev
 
     def free_seq(self, seq: Sequence) -> None:
-        """Release seq's blocks; cached ones stay findable until reused (LRU: freed last, reused last)."""
+        """Release seq's blocks; cached ones stay findable until reused (LRU: freed last, reused last),
+        and so does a partly filled last block (a tail, see above)."""
+        self._keep_tail(seq)
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0
             if block.ref_count == 0:
-                if block.hash is None:
+                if block.hash is None and not block.is_tail:
                     self.free[block_id] = None
                     self.free.move_to_end(block_id, last=False)  # uncached: reuse these first
                 else:
                     self.free[block_id] = None
         seq.block_table.clear()
         seq.num_computed_tokens = 0
+
+    def _keep_tail(self, seq: Sequence) -> None:
+        bs = self.block_size
+        computed = min(seq.num_computed_tokens, seq.num_tokens)
+        k, filled = divmod(computed, bs)
+        if not self.enable_prefix_caching or not filled or k >= len(seq.block_table) or seq.num_hashed_blocks < k:
+            return
+        block = self.blocks[seq.block_table[k]]
+        if block.ref_count != 1 or block.hash is not None:
+            return
+        parent = self.blocks[seq.block_table[k - 1]].hash if k else None
+        block.is_tail, block.tail_parent = True, parent
+        block.token_ids = tuple(seq.token_ids[k * bs : computed])
+        self.tails.setdefault(parent, {})[block.block_id] = None
