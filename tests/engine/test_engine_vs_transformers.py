@@ -51,6 +51,17 @@ def test_prefix_cache_hits_match_and_are_counted(hf_model):
     assert outs == hf_greedy(hf_model, turn2, 12)
 
 
+def test_a_cached_prompt_with_one_token_left_sampled_beside_other_prefills(hf_model):
+    """A prompt whose cached blocks leave one token to compute is scheduled like a decode and moved to
+    the front of the step's batch: its logits must still reach it, not the prefill admitted before it."""
+    engine = engine_for(hf_model)
+    p, other = prompts(12, 1, 21, 21)[0], prompts(13, 1, 30, 30)[0]
+    run(engine, {0: [("first", p, 3)]})
+    out = run(engine, {0: [("other", other, 8), ("again", p, 8)]})  # "again": 20 of 21 tokens cached
+    assert out["other"] == hf_greedy(hf_model, other, 8)
+    assert out["again"] == hf_greedy(hf_model, p, 8)
+
+
 def test_preempted_and_resumed_requests_match(hf_model):
     ps = prompts(5, 5, 10, 30)
     engine = engine_for(hf_model, num_blocks=24, block_size=4)  # 96 slots: not enough for all at once

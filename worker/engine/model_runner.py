@@ -175,11 +175,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: Batch) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step. Returns logits [N, vocab] (float32) and the N sequences that sample."""
-        seqs = [it.seq for it in batch.items if it.samples]
         if self.graph_sizes and batch.is_decode_only and len(batch.items) <= self.graph_sizes[-1] \
                 and all(it.seq.num_computed_tokens > 0 for it in batch.items):
-            return self._replay_decode(batch), seqs
-        ids, pos, meta, rows = self._prepare(batch)
+            return self._replay_decode(batch), [it.seq for it in batch.items]
+        ids, pos, meta, rows = self._prepare(batch)  # puts decode items first: rows follow that order
+        seqs = [it.seq for it in batch.items if it.samples]
         hidden = self.model.hidden(ids, pos, self.kv_caches, meta)
         if not rows:
             return torch.empty((0, self.cfg.vocab_size), device=self.device), seqs
