@@ -93,8 +93,9 @@ def hf_continuous(model, prompts: list[list[int]], new: int, device: str) -> dic
     return {"output_tokens": tokens, "seconds": round(dt, 2), "output_tok_s": round(tokens / dt, 1)}
 
 
-def build_engine(model: LlamaModel, max_num_seqs: int, budget: int, graphs: bool, cpu_tokens: int) -> LLMEngine:
-    runner = ModelRunner(model, CacheConfig(block_size=16, cpu_cache_tokens=cpu_tokens), max_num_seqs, 2048,
+def build_engine(model: LlamaModel, max_num_seqs: int, budget: int, graphs: bool, cpu_tokens: int,
+                 kv_dtype: str = "auto") -> LLMEngine:
+    runner = ModelRunner(model, CacheConfig(block_size=16, cpu_cache_tokens=cpu_tokens, dtype=kv_dtype), max_num_seqs, 2048,
                          use_cuda_graphs=graphs)
     return LLMEngine(runner, NumberTokenizer(), max_num_seqs=max_num_seqs, max_batched_tokens=budget)
 
@@ -149,6 +150,8 @@ def main() -> None:
     ap.add_argument("--baseline-requests", type=int, default=0, help="requests for the HF continuous baseline (0 = all)")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--cpu-cache-tokens", type=int, default=65536)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16) or fp8; with fp8 the bf16 figures are "
+                    "measured too, in the same run, as the baseline")
     a = ap.parse_args()
     dtype = torch.bfloat16
     result: dict = {"shape": a.shape, "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
@@ -179,12 +182,22 @@ def main() -> None:
         torch.cuda.empty_cache()
         result["gpu_allocated_gib_before_engine"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     print(json.dumps(result), flush=True)  # baselines survive a later failure
-    engine = build_engine(model, a.max_num_seqs, a.budget, not a.no_graphs, a.cpu_cache_tokens)
-    result["kv_cache_tokens"] = engine.runner.capacity_tokens
-    result["kv_cache_full_2048_seqs"] = round(engine.runner.capacity_tokens / 2048, 1)
-    result["chatserve_batch1_decode_tok_s"] = round(engine_batch1(engine, cfg.vocab_size, 128, 128), 1)
-    print(json.dumps(result), flush=True)
-    result["chatserve_offline"] = engine_offline(engine, prompts, a.output)
+    kv_dtypes = ["auto", "fp8"] if a.kv_cache_dtype == "fp8" else ["auto"]
+    for kv in kv_dtypes:
+        engine = build_engine(model, a.max_num_seqs, a.budget, not a.no_graphs, a.cpu_cache_tokens, kv)
+        key = "" if kv == "auto" else "fp8kv_"
+        result[f"{key}kv_cache_tokens"] = engine.runner.capacity_tokens
+        result[f"{key}kv_cache_full_2048_seqs"] = round(engine.runner.capacity_tokens / 2048, 1)
+        result[f"{key}chatserve_batch1_decode_tok_s"] = round(engine_batch1(engine, cfg.vocab_size, 128, 128), 1)
+        print(json.dumps(result), flush=True)
+        result[f"{key}chatserve_offline"] = engine_offline(engine, prompts, a.output)
+        del engine
+        gc.collect()
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
+    if "fp8kv_chatserve_offline" in result:
+        result["ratio_fp8kv_vs_bf16kv_offline"] = round(result["fp8kv_chatserve_offline"]["output_tok_s"]
+                                                        / result["chatserve_offline"]["output_tok_s"], 2)
     ours = result["chatserve_offline"]["output_tok_s"]
     if "hf_batch1_decode_tok_s" in result:
         result["ratio_batch1_vs_hf"] = round(result["chatserve_batch1_decode_tok_s"] / result["hf_batch1_decode_tok_s"], 2)

@@ -118,6 +118,8 @@ class WorkerSettings(BaseSettings):
     max_batched_tokens: int = field(default=1024, metadata={"help": "token budget of one engine step"})
     block_size: int = field(default=16, metadata={"help": "KV-cache block size in tokens"})
     kv_cache_tokens: int = field(default=32768, metadata={"help": "KV-cache size on CPU, in tokens"})
+    kv_cache_dtype: str = field(default="auto", metadata={"help": "KV-cache storage: auto (the model's dtype) or fp8 "
+                                                                 "(e4m3: twice the tokens, half the bandwidth)"})
     gpu_memory_utilization: float = field(default=0.90, metadata={"help": "fraction of GPU memory to use"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks across requests"})
     cuda_graphs: bool = field(default=True, metadata={"help": "capture CUDA graphs for decode"})

@@ -100,14 +100,17 @@ class WorkerState:
 
 def build_engine(settings: WorkerSettings) -> tuple[LoadedModel, LLMEngine]:
     device, dtype = resolve_device(settings)
+    try:  # settings refused before minutes of loading, not after
+        cache = CacheConfig(block_size=settings.block_size, gpu_memory_utilization=settings.gpu_memory_utilization,
+                            cpu_cache_tokens=settings.kv_cache_tokens, dtype=settings.kv_cache_dtype)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     log.info("loading model %s on %s (%s)", settings.model_path or "<embedded SmolLM2-135M-Instruct>", device, dtype)
     t0 = time.monotonic()
     loaded = load_model(settings.model_path or None, device=device, dtype=dtype,
                         context_length=settings.context_length, name=settings.model_name or None,
                         lora=settings.lora, quantize=settings.quantize, tensor_parallel=settings.tensor_parallel)
     log.info("model %s loaded in %.1fs", loaded.name, time.monotonic() - t0)
-    cache = CacheConfig(block_size=settings.block_size, gpu_memory_utilization=settings.gpu_memory_utilization,
-                        cpu_cache_tokens=settings.kv_cache_tokens)
     if settings.tensor_parallel > 1:
         from worker.engine import tensor_parallel
 

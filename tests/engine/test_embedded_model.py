@@ -49,41 +49,48 @@ def test_embedded_model_batch_matches_transformers_and_answers_paris(embedded):
     assert "Paris" in tok.decode(outs["0"])
 
 
-def test_bf16_default_answers_paris():
-    loaded = load_model(None, device="cpu", dtype=torch.bfloat16, context_length=2048)
-    engine = LLMEngine(ModelRunner(loaded.model, CacheConfig(cpu_cache_tokens=2048), 4, 2048), loaded.tokenizer)
-    engine.add_request("p", chat_ids(loaded.tokenizer, "What is the capital of France?"),
-                       SamplingParams(max_tokens=16, temperature=0))
-    text = []
-    while engine.has_unfinished():
-        text += [o.text for o in engine.step()]
-    assert "Paris" in "".join(text)
+@pytest.fixture(scope="module")
+def embedded_bf16():
+    return load_model(None, device="cpu", dtype=torch.bfloat16, context_length=2048)
 
 
-def test_json_object_mode_yields_json_objects_greedy_and_sampled(embedded):
-    import json
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_bf16_default_answers_paris_with_a_bf16_or_fp8_kv_cache(embedded_bf16, kv_dtype):
+    loaded = embedded_bf16
+    runner = ModelRunner(loaded.model, CacheConfig(cpu_cache_tokens=2048, dtype=kv_dtype), 4, 2048)
+    want = torch.float8_e4m3fn if kv_dtype == "fp8" else torch.bfloat16
+    assert runner.kv_caches[0][0].dtype == want
+    engine = LLMEngine(runner, loaded.tokenizer)
+    # every generated token attends over cached K/V (fp8 ones with an fp8 cache); the second request also
+    # finds the whole prompt but its last token in the cache
+    answers = []
+    for rid in ("p", "q"):
+        engine.add_request(rid, chat_ids(loaded.tokenizer, "What is the capital of France?"),
+                           SamplingParams(max_tokens=16, temperature=0))
+        text = []
+        while engine.has_unfinished():
+            text += [o.text for o in engine.step()]
+        answers.append("".join(text))
+    assert "Paris" in answers[0]
+    assert engine.blocks.hit_tokens == len(chat_ids(loaded.tokenizer, "What is the capital of France?")) - 1
+    if kv_dtype == "auto":  # the same cache contents as a cold prompt's: the same answer
+        assert answers[1] == answers[0]
+    else:  # the prompt now attends over its own fp8 keys and values, not the unrounded ones: a fair answer
+        assert answers[1]
 
-    from worker.engine.json_constraint import INITIAL, feed
 
-    loaded, _ = embedded
-    tok = loaded.tokenizer
-    engine = LLMEngine(ModelRunner(loaded.model, CacheConfig(cpu_cache_tokens=4096), 8, 2048), tok, max_num_seqs=8,
-                       max_batched_tokens=256)
-    prompts = ["What is the capital of France? Answer in JSON.", "Describe a cat as a JSON object.", "Hello!"]
-    for i, p in enumerate(prompts):
-        params = SamplingParams(max_tokens=96, temperature=0 if i == 0 else 1.0, seed=i, response_format="json_object")
-        engine.add_request(str(i), chat_ids(tok, p), params, n=2 if i else 1)
-    texts: dict[tuple[str, int], str] = {}
-    reasons: dict[tuple[str, int], str] = {}
-    while engine.has_unfinished():
-        for o in engine.step():
-            texts[o.request_id, o.index] = texts.get((o.request_id, o.index), "") + o.text
-            if o.finished:
-                reasons[o.request_id, o.index] = o.finish_reason
-    assert len(reasons) == 5
-    for key, text in texts.items():
-        if reasons[key] == "stop":
-            assert isinstance(json.loads(text), dict), text
-        else:  # cut by max_tokens: still a valid beginning of a JSON object
-            assert reasons[key] == "length" and feed(INITIAL, text.encode()) is not None, text
-    assert json.loads(texts["0", 0]) == {"city": "Paris"} or "Paris" in texts["0", 0]
+def test_fp8_kv_cache_holds_twice_the_tokens_per_byte():
+    from worker.engine.model import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                      num_kv_heads=32, head_dim=128)
+    assert cfg.kv_bytes_per_token(torch.bfloat16) == 524288 == 2 * cfg.kv_bytes_per_token(torch.float8_e4m3fn)
+
+
+def test_unknown_kv_cache_dtype_is_refused_before_any_loading():
+    from chatserve.settings import WorkerSettings
+    from worker.app import build_engine
+    from worker.loader import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="--kv-cache-dtype must be one of auto, fp8"):
+        build_engine(WorkerSettings(kv_cache_dtype="fp16", model_path="/nonexistent"))

@@ -65,9 +65,20 @@ class ContextBatch:
         return cls(tables.to(device), src.to(device), dest.to(device), mask.unsqueeze(1).to(device), max_q)
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value: K/V are clamped to it (an unscaled cast would give NaN)
+
+
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slots: torch.Tensor) -> None:
     # k, v: [num_tokens, kv_heads, head_dim]
+    if k_cache.dtype != k.dtype:  # an fp8 cache, written as bytes (index_copy_ has no fp8 kernel on CPU)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        k, v = to_fp8(k).view(torch.uint8), to_fp8(v).view(torch.uint8)
     k_cache.index_copy_(0, slots, k)
     v_cache.index_copy_(0, slots, v)
 
@@ -84,11 +95,13 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return out.squeeze(0).transpose(0, 1)
 
 
-def _gather_blocks(cache: torch.Tensor, tables: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The blocks listed in tables [B, W] (long) as one contiguous [B, W * block_size, KVH, D] copy."""
+def _gather_blocks(cache: torch.Tensor, tables: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The blocks listed in tables [B, W] (long) as one contiguous [B, W * block_size, KVH, D] copy, in
+    `dtype` (an fp8 cache is widened to the model's dtype)."""
     b, w = tables.shape
     kvh, d = cache.shape[1], cache.shape[2]
-    return cache.view(-1, block_size, kvh, d).index_select(0, tables.flatten()).view(b, w * block_size, kvh, d)
+    out = cache.view(-1, block_size, kvh, d).index_select(0, tables.flatten()).view(b, w * block_size, kvh, d)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -124,8 +137,8 @@ def _attend_with_context(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tens
     b = cb.tables.shape[0]
     heads, d = q.shape[1], q.shape[2]
     kvh = k_cache.shape[1]
-    kc = _gather_blocks(k_cache, cb.tables, block_size)  # [B, L, KVH, D]
-    vc = _gather_blocks(v_cache, cb.tables, block_size)
+    kc = _gather_blocks(k_cache, cb.tables, block_size, q.dtype)  # [B, L, KVH, D]
+    vc = _gather_blocks(v_cache, cb.tables, block_size, q.dtype)
     qp = q.new_zeros((b * cb.max_q, heads, d))
     qp[cb.dest] = q[cb.src]
     if not q.is_cuda and cb.max_q <= SHORT_CHUNK:
@@ -147,16 +160,17 @@ SHORT_CHUNK = 128
 def _grouped_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                               scale: float) -> torch.Tensor:
     """q [B, Q, H, D]; k, v [B, L, KVH, D]; mask [B, 1, Q, L] (True: attend) -> [B, Q, H, D]. Query heads
-    are grouped by their KV head (no repeat of K/V); softmax in fp32."""
+    are grouped by their KV head (no repeat of K/V). All in fp32, as SDPA accumulates: scores rounded to
+    bf16 changed a bf16 model's greedy answers after a prefix-cache hit."""
     b, nq, heads, d = q.shape
     kvh = k.shape[2]
     group = heads // kvh
-    qg = q.view(b, nq, kvh, group, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, group * nq, d)
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, KVH, G * Q, L]
+    qg = q.float().view(b, nq, kvh, group, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, group * nq, d)
+    scores = torch.matmul(qg, k.float().permute(0, 2, 3, 1)) * scale  # [B, KVH, G * Q, L]
     allowed = mask.unsqueeze(2).expand(b, 1, group, nq, mask.shape[-1]).reshape(b, 1, group * nq, -1)
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).to(q.dtype)
-    o = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, KVH, G * Q, D]
-    return o.view(b, kvh, group, nq, d).permute(0, 3, 1, 2, 4).reshape(b, nq, heads, d)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    o = torch.matmul(probs, v.float().permute(0, 2, 1, 3))  # [B, KVH, G * Q, D]
+    return o.view(b, kvh, group, nq, d).permute(0, 3, 1, 2, 4).reshape(b, nq, heads, d).to(q.dtype)
 
 
 def _decode_torch(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -166,8 +180,8 @@ def _decode_torch(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_c
     than SDPA with a padding mask for one query token."""
     assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
     tables = meta.decode_block_tables.long()  # [B, W]
-    kc = _gather_blocks(k_cache, tables, meta.block_size)  # [B, L, KVH, D]
-    vc = _gather_blocks(v_cache, tables, meta.block_size)
+    kc = _gather_blocks(k_cache, tables, meta.block_size, q.dtype)  # [B, L, KVH, D]
+    vc = _gather_blocks(v_cache, tables, meta.block_size, q.dtype)
     bsz, length, kvh, d = kc.shape
     group = q.shape[1] // kvh
     qg = q.view(bsz, kvh, group, d)

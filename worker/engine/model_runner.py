@@ -18,7 +18,7 @@ import torch
 from worker.engine.attention import AttentionMetadata, ContextBatch
 from worker.engine.model import LlamaConfig, LlamaModel
 from worker.engine.request import Sequence
-from worker.engine.scheduler import Batch
+from worker.engine.scheduler import Batch, ScheduledSeq
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,13 @@ def int_tensor(values: list[int] | itertools.chain, dtype: torch.dtype = torch.l
     if not buf:
         return torch.empty(0, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype)
+
+
+def is_decode(item: ScheduledSeq) -> bool:
+    """Feeds one generated token (decode attention). A prompt's own last token, left alone by a prefix-cache
+    hit, is prefill: prompts attend through the prefill paths, whatever the cache held of them, so a cached
+    prompt is answered as an uncached one (on CPU the decode path's bf16 scores changed greedy answers)."""
+    return item.num_tokens == 1 and item.samples and item.seq.num_computed_tokens >= item.seq.num_prompt_tokens
 
 
 def slot_of(block_table: list[int], pos: int, block_size: int) -> int:
@@ -43,12 +50,20 @@ def padded_tables(tables: list[list[int]]) -> torch.Tensor:
     return int_tensor(flat, torch.int32).view(len(tables), width)
 
 
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
 @dataclass(slots=True)
 class CacheConfig:
     block_size: int = 16
     num_blocks: int = 0  # 0: size from memory
     gpu_memory_utilization: float = 0.90
     cpu_cache_tokens: int = 32768
+    dtype: str = "auto"  # auto: the model's dtype; fp8: e4m3, half the bytes per token (unscaled, as vLLM's default)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)} (got {self.dtype!r})")
 
 
 class ModelRunner:
@@ -57,6 +72,7 @@ class ModelRunner:
         self.model = model.eval().requires_grad_(False)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.kv_dtype = torch.float8_e4m3fn if cache.dtype == "fp8" else self.dtype
         if p.is_cuda:
             # cuDNN's SDPA builds a graph per new shape (~1.4 ms of CPU each): with variable-length prefills
             # every call is a new shape, so use FlashAttention-2 / memory-efficient kernels instead.
@@ -71,13 +87,13 @@ class ModelRunner:
         slots = (self.num_blocks + 1) * self.block_size
         shape = (slots, self.cfg.num_kv_heads, self.cfg.head_dim)
         # per layer: k, v [slots, kv_heads, head_dim]
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.kv_caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
                           for _ in range(self.cfg.num_layers)]
         self.dummy_slot = self.num_blocks * self.block_size
         if self.device.type == "cuda":
-            log.info("KV cache allocated: %d blocks; GPU memory allocated now %.1f GiB", self.num_blocks,
-                     torch.cuda.memory_allocated(self.device) / 2**30)
+            log.info("KV cache allocated: %d blocks (%s); GPU memory allocated now %.1f GiB", self.num_blocks,
+                     str(self.kv_dtype).removeprefix("torch."), torch.cuda.memory_allocated(self.device) / 2**30)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
         if use_cuda_graphs and self.device.type == "cuda":
@@ -92,7 +108,7 @@ class ModelRunner:
         return self.num_blocks * self.block_size
 
     def _blocks_from_memory(self, cache: CacheConfig) -> int:
-        per_block = self.cfg.kv_bytes_per_token(self.dtype) * self.block_size
+        per_block = self.cfg.kv_bytes_per_token(self.kv_dtype) * self.block_size
         if self.device.type == "cuda":
             import gc
 
@@ -115,8 +131,8 @@ class ModelRunner:
 
     def _prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Decode items first, then prefill chunks. Returns ids, positions, metadata, sample row indices."""
-        decode = [it for it in batch.items if it.num_tokens == 1 and it.samples and it.seq.num_computed_tokens > 0]
-        prefill = [it for it in batch.items if not (it.num_tokens == 1 and it.samples and it.seq.num_computed_tokens > 0)]
+        decode = [it for it in batch.items if is_decode(it)]
+        prefill = [it for it in batch.items if not is_decode(it)]
         batch.items = decode + prefill
         ids: list[int] = []
         pos: list[int] = []
@@ -176,7 +192,7 @@ class ModelRunner:
     def execute(self, batch: Batch) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step. Returns logits [N, vocab] (float32) and the N sequences that sample."""
         if self.graph_sizes and batch.is_decode_only and len(batch.items) <= self.graph_sizes[-1] \
-                and all(it.seq.num_computed_tokens > 0 for it in batch.items):
+                and all(is_decode(it) for it in batch.items):
             return self._replay_decode(batch), [it.seq for it in batch.items]
         ids, pos, meta, rows = self._prepare(batch)  # puts decode items first: rows follow that order
         seqs = [it.seq for it in batch.items if it.samples]

@@ -175,6 +175,7 @@ class _Seq:
     token_ids: _Window
     num_computed_tokens: int
     block_table: list[int]
+    num_prompt_tokens: int
 
 
 @dataclass(slots=True)
@@ -189,14 +190,15 @@ def snapshot(batch: Batch) -> list[tuple]:
     for it in batch.items:
         s = it.seq
         start = s.num_computed_tokens
-        out.append((start, s.token_ids[start:start + it.num_tokens], list(s.block_table), it.num_tokens, it.samples))
+        out.append((start, s.token_ids[start:start + it.num_tokens], list(s.block_table), it.num_tokens, it.samples,
+                    s.num_prompt_tokens))
     return out
 
 
 def restore(items: list[tuple]) -> Batch:
     """A Batch whose items carry just what the model runner reads (duck-typed ScheduledSeq / Sequence)."""
-    return Batch([_Item(_Seq(_Window(start, ids), start, table), n, samples)  # type: ignore[misc]
-                  for start, ids, table, n, samples in items])
+    return Batch([_Item(_Seq(_Window(start, ids), start, table, prompt), n, samples)  # type: ignore[misc]
+                  for start, ids, table, n, samples, prompt in items])
 
 
 def _peer_main(rank: int, world: int, port: int, source: ShardSource, conn: multiprocessing.connection.Connection) -> None:

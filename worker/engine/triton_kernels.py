@@ -68,13 +68,109 @@ def _kernel():  # built lazily: nothing happens at import time, and CPU-only hos
 
 # best of a sweep on H100 (benchmarks/profile_step.py): 2.86 TB/s at batch 128 x 800 tokens x 32 heads
 DECODE_CONFIG = {"tile": 128, "num_warps": 2, "num_stages": 3}
+# split-context decode (flash-decoding): tokens per tile, warps (to be swept on the GPU like the above)
+SPLIT_CONFIG = {"tile": 32, "num_warps": 2, "num_stages": 2}
+MAX_SPLITS = 16
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_splits(batch: int, heads: int, num_sms: int) -> int:
+    """How many parts each sequence's context is split into: enough (sequence, head, part) programs to
+    fill the GPU about twice when batch x heads alone would leave SMs idle (batch 1: 32 programs on 132
+    SMs), none when it fills them already. Depends on shapes only, so a captured graph keeps it."""
+    programs = batch * heads
+    if programs >= num_sms:
+        return 1
+    return max(1, min(MAX_SPLITS, -(-2 * num_sms // programs)))
+
+
+@functools.lru_cache(maxsize=1)
+def _split_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def partial_kernel(
+        part_o_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, scale,
+        stride_qb, stride_qh, stride_ks, stride_kh, stride_bt,
+        GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        part = tl.program_id(2)
+        heads = tl.num_programs(1)
+        kvh = h // GROUP
+        length = tl.load(lens_ptr + b)
+        per = tl.cdiv(tl.cdiv(length, SPLITS), TILE) * TILE  # this part's tokens: whole tiles
+        lo = part * per
+        hi = tl.minimum(lo + per, length)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
+        m_i = tl.full([1], float("-inf"), tl.float32)
+        l_i = tl.zeros([1], tl.float32)
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        offs = tl.arange(0, TILE)
+        for start in range(lo, hi, TILE):
+            pos = start + offs
+            valid = pos < hi
+            page = tl.load(bt_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
+            slot = page.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            p = tl.exp(s - m_new)
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        row = (b * heads + h) * SPLITS + part  # an empty part leaves m = -inf, l = 0, acc = 0
+        tl.store(part_o_ptr + row * HEAD_DIM + d, acc)
+        one = tl.arange(0, 1)
+        tl.store(part_ml_ptr + row * 2 + one, m_i)
+        tl.store(part_ml_ptr + row * 2 + 1 + one, l_i)
+
+    @triton.jit
+    def combine_kernel(out_ptr, part_o_ptr, part_ml_ptr, stride_ob, stride_oh,
+                       HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        heads = tl.num_programs(1)
+        parts = tl.arange(0, SPLITS_P2)
+        have = parts < SPLITS
+        rows = (b * heads + h) * SPLITS + parts
+        m = tl.load(part_ml_ptr + rows * 2, mask=have, other=float("-inf"))
+        l_ = tl.load(part_ml_ptr + rows * 2 + 1, mask=have, other=0.0)
+        m_all = tl.max(m, axis=0)  # part 0 always holds tokens (length >= 1)
+        w = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)
+        d = tl.arange(0, HEAD_DIM)
+        acc = tl.load(part_o_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=have[:, None], other=0.0)
+        o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_ * w, axis=0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+
+    return partial_kernel, combine_kernel
 
 
 def paged_decode(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, scale: float,
-                 config: dict | None = None) -> None:
+                 config: dict | None = None, splits: int | None = None) -> None:
+    """Decode attention over the paged cache (bf16/fp16 or fp8 K/V, read in fp32). Small batches split
+    each context across several programs and merge their partial softmaxes (flash-decoding); `splits`
+    overrides the choice (tests, sweeps)."""
     bsz, heads, head_dim = q.shape
     group = heads // k_cache.shape[1]
+    if splits is None:
+        splits = decode_splits(bsz, heads, _num_sms(q.device.index or 0)) if q.is_cuda else 1
+    if splits > 1:
+        _paged_decode_split(out, q, k_cache, v_cache, block_tables, context_lens, block_size, scale, splits, group)
+        return
     cfg = config or DECODE_CONFIG
     _kernel()[(bsz, heads)](
         out, q, k_cache, v_cache, block_tables, context_lens, scale,
@@ -83,6 +179,26 @@ def paged_decode(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_ca
         GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, TILE=cfg["tile"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+
+
+def _paged_decode_split(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, scale: float,
+                        splits: int, group: int) -> None:
+    import triton
+
+    bsz, heads, head_dim = q.shape
+    partial, combine = _split_kernels()
+    part_o = torch.empty((bsz * heads * splits, head_dim), dtype=torch.float32, device=q.device)
+    part_ml = torch.empty((bsz * heads * splits, 2), dtype=torch.float32, device=q.device)
+    cfg = SPLIT_CONFIG
+    partial[(bsz, heads, splits)](
+        part_o, part_ml, q, k_cache, v_cache, block_tables, context_lens, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
+        GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, TILE=cfg["tile"], SPLITS=splits,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    combine[(bsz, heads)](out, part_o, part_ml, out.stride(0), out.stride(1), HEAD_DIM=head_dim, SPLITS=splits,
+                          SPLITS_P2=triton.next_power_of_2(splits), num_warps=1)
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,7 +210,7 @@ def _rope_cache_kernel():
     def rope_cache_kernel(
         qkv_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
         stride_t, stride_ks, stride_kh,
-        NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+        NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, FP8: tl.constexpr,
     ):
         t = tl.program_id(0)
         head = tl.program_id(1)  # 0..NUM_HEADS+NUM_KV-1: query heads, then key heads
@@ -114,11 +230,19 @@ def _rope_cache_kernel():
             kh = head - NUM_HEADS
             slot = tl.load(slot_ptr + t).to(tl.int64)
             kdst = k_cache_ptr + slot * stride_ks + kh * stride_kh
-            tl.store(kdst + half, o1)
-            tl.store(kdst + HEAD_DIM // 2 + half, o2)
             d = tl.arange(0, HEAD_DIM)
             v = tl.load(qkv_ptr + t * stride_t + (NUM_HEADS + NUM_KV + kh) * HEAD_DIM + d)
-            tl.store(v_cache_ptr + slot * stride_ks + kh * stride_kh + d, v)
+            if FP8:  # clamped to e4m3's range first (an out-of-range cast is NaN)
+                k1 = tl.minimum(tl.maximum(o1.to(tl.float32), -448.0), 448.0)
+                k2 = tl.minimum(tl.maximum(o2.to(tl.float32), -448.0), 448.0)
+                vf = tl.minimum(tl.maximum(v.to(tl.float32), -448.0), 448.0)
+                tl.store(kdst + half, k1.to(k_cache_ptr.dtype.element_ty))
+                tl.store(kdst + HEAD_DIM // 2 + half, k2.to(k_cache_ptr.dtype.element_ty))
+                tl.store(v_cache_ptr + slot * stride_ks + kh * stride_kh + d, vf.to(v_cache_ptr.dtype.element_ty))
+            else:
+                tl.store(kdst + half, o1)
+                tl.store(kdst + HEAD_DIM // 2 + half, o2)
+                tl.store(v_cache_ptr + slot * stride_ks + kh * stride_kh + d, v)
 
     return rope_cache_kernel
 
@@ -130,7 +254,7 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
     t = qkv.shape[0]
     _rope_cache_kernel()[(t, num_heads + num_kv)](
         qkv, positions, inv_freq, k_cache, v_cache, slots, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
-        NUM_HEADS=num_heads, NUM_KV=num_kv, HEAD_DIM=head_dim, num_warps=1,
+        NUM_HEADS=num_heads, NUM_KV=num_kv, HEAD_DIM=head_dim, FP8=k_cache.dtype != qkv.dtype, num_warps=1,
     )
 
 
