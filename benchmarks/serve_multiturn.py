@@ -87,6 +87,10 @@ async def run_users(url: str, model: str, users: int, turns: int, tokens: int, s
             await asyncio.gather(*(user(client, url, model, first_uid + r * users + u, turns, tokens, system,
                                         results) for u in range(users)))
             wall += time.perf_counter() - t0
+    return summarize(results, users, rounds, turns, tokens, wall)
+
+
+def summarize(results: list[dict], users: int, rounds: int, turns: int, tokens: int, wall: float) -> dict:
     out_tokens = sum(r["completion_tokens"] for r in results)
     per_turn = {}
     for t in range(1, turns + 1):
@@ -99,6 +103,61 @@ async def run_users(url: str, model: str, users: int, turns: int, tokens: int, s
                        "cached_tokens_mean": round(statistics.mean(r["cached_tokens"] for r in rs))}
     return {"users": users, "rounds": rounds, "turns": turns, "tokens_per_turn": tokens, "wall_s": round(wall, 2),
             "output_tokens": out_tokens, "output_tok_s": round(out_tokens / wall, 1), "per_turn": per_turn}
+
+
+def run_offline(engine, loaded, renderer, users: int, turns: int, tokens: int, system: str, first_uid: int = 0,
+                rounds: int = 1) -> dict:
+    """The same conversations as `run_users`, straight through the worker's engine in this process: each
+    turn's prompt goes through the worker's own `prepare` (template, stops), a user's next turn is added
+    the moment its reply ends, and time stamps are taken as each step returns. This is the HTTP path's
+    baseline: the same workload and engine settings, without the network, the gateway and the event loop."""
+    from chatserve.protocol.internal import GenerateRequest, Message
+    from chatserve.protocol.sampling import SamplingParams
+    from worker.app import prepare
+
+    results: list[dict] = []
+    wall = 0.0
+    for r in range(rounds):
+        uids = [first_uid + r * users + u for u in range(users)]
+        history = {u: ([{"role": "system", "content": system}] if system else []) for u in uids}
+        turn = dict.fromkeys(uids, 0)
+        live: dict[str, dict] = {}
+
+        def submit(u: int) -> None:
+            topic = TOPICS[(u * 3 + turn[u]) % len(TOPICS)]
+            history[u].append({"role": "user", "content": f"Tell me something about {topic}. (user {u}, turn {turn[u] + 1})"})
+            req = GenerateRequest(request_id=f"u{u}t{turn[u]}", messages=[Message(**m) for m in history[u]],
+                                  params=SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+            ids, _, params = prepare(req, loaded, renderer)
+            engine.add_request(req.request_id, ids, params)
+            live[req.request_id] = {"user": u, "t0": time.perf_counter(), "stamps": [], "parts": []}
+
+        t0 = time.perf_counter()
+        for u in uids:
+            submit(u)
+        while live:
+            outs = engine.step()
+            now = time.perf_counter()
+            for o in outs:
+                st = live[o.request_id]
+                if o.text:
+                    st["stamps"].append(now)
+                    st["parts"].append(o.text)
+                if o.finished:
+                    del live[o.request_id]
+                    u = st["user"]
+                    stamps = st["stamps"]
+                    results.append({"user": u, "turn": turn[u] + 1,
+                                    "ttft": stamps[0] - st["t0"] if stamps else float("nan"),
+                                    "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+                                    "completion_tokens": o.completion_tokens, "prompt_tokens": o.prompt_tokens,
+                                    "cached_tokens": o.cached_tokens})
+                    history[u].append({"role": "assistant", "content": "".join(st["parts"])})
+                    turn[u] += 1
+                    if turn[u] < turns:
+                        submit(u)
+        wall += time.perf_counter() - t0
+    return summarize(results, users, rounds, turns, tokens, wall)
 
 
 def start_stack(extra_worker_args: list[str]):
@@ -125,6 +184,9 @@ def main() -> None:
                     "samples per turn for the percentiles)")
     ap.add_argument("--worker-args", default="", help="extra worker flags when the script starts the stack")
     ap.add_argument("--show-logs", action="store_true", help="print the services' warnings at the end")
+    ap.add_argument("--offline", action="store_true", help="then run the same conversations through the worker's "
+                    "engine in this process (same --worker-args), after the stack has stopped: the HTTP runs' "
+                    "baseline, measured in the same run")
     a = ap.parse_args()
     services = []
     url = a.api_url
@@ -139,13 +201,6 @@ def main() -> None:
         report = {"model": model, "api_url": url, "system_prompt_tokens_approx": a.system_tokens, "runs": []}
         for u in [int(x) for x in a.users.split(",")]:
             report["runs"].append(asyncio.run(run_users(url, model, u, a.turns, a.tokens, system, rounds=a.rounds)))
-        runs = report["runs"]
-        if len(runs) > 1:
-            report["scaling_vs_first"] = {r["users"]: round(r["output_tok_s"] / runs[0]["output_tok_s"], 2) for r in runs}
-        for r in runs:
-            last = r["per_turn"][a.turns]["ttft_p50_s"]
-            r["ttft_last_over_first_turn_p50"] = round(last / r["per_turn"][1]["ttft_p50_s"], 2)
-        print(json.dumps(report, indent=1))
     finally:
         for s in services:
             s.stop()
@@ -153,7 +208,33 @@ def main() -> None:
             for s in services:
                 lines = [ln for ln in s.logs().splitlines() if "WARNING" in ln or "ERROR" in ln]
                 print(f"--- {s.name}: {len(lines)} warnings\n" + "\n".join(lines[-25:]), file=sys.stderr)
+    if a.offline:
+        report["offline_runs"] = offline_runs(a, system)
+        report["http_over_offline"] = {r["users"]: round(r["output_tok_s"] / o["output_tok_s"], 2)
+                                       for r, o in zip(report["runs"], report["offline_runs"])}
+    for key in ("runs", "offline_runs"):
+        runs = report.get(key, [])
+        for r in runs:
+            last = r["per_turn"][a.turns]["ttft_p50_s"]
+            r["ttft_last_over_first_turn_p50"] = round(last / r["per_turn"][1]["ttft_p50_s"], 2)
+    runs = report["runs"]
+    if len(runs) > 1:
+        report["scaling_vs_first"] = {r["users"]: round(r["output_tok_s"] / runs[0]["output_tok_s"], 2) for r in runs}
+    print(json.dumps(report, indent=1))
 
+
+def offline_runs(a: argparse.Namespace, system: str) -> list[dict]:
+    from chatserve.settings import WorkerSettings
+    from worker.app import build_engine, warm_up
+    from worker.prompting import PromptRenderer
+
+    settings = WorkerSettings.from_args(["--kv-cache-tokens", "16384", *a.worker_args.split()], env={})  # as procs.worker
+    loaded, engine = build_engine(settings)
+    warm_up(engine)
+    renderer = PromptRenderer(loaded.tokenizer, loaded.name, settings.chat_template)
+    run_offline(engine, loaded, renderer, 1, 1, 8, system, first_uid=10_000)  # warm-up, as for HTTP
+    return [run_offline(engine, loaded, renderer, int(u), a.turns, a.tokens, system, rounds=a.rounds)
+            for u in a.users.split(",")]
 
 if __name__ == "__main__":
     main()
