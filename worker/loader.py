@@ -87,8 +87,10 @@ def default_name(model_path: str | None) -> str:
     return p.stem if p.is_file() else p.name
 
 
-def _read_hf(folder: Path, gguf: str | None, dtype: torch.dtype) -> tuple[Any, Any, dict[str, torch.Tensor]]:
-    """(transformers config, tokenizer, state dict) of an HF folder or GGUF file, via transformers."""
+def _read_hf(folder: Path, gguf: str | None, dtype: torch.dtype,
+             weights: bool = True) -> tuple[Any, Any, dict[str, torch.Tensor] | None]:
+    """(transformers config, tokenizer, state dict) of an HF folder or GGUF file, via transformers; the
+    state dict is None without `weights` (tensor-parallel ranks read their own slices)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
@@ -105,6 +107,8 @@ def _read_hf(folder: Path, gguf: str | None, dtype: torch.dtype) -> tuple[Any, A
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load a tokenizer from {folder} (tokenizer.json / tokenizer.model "
                              f"expected): {exc}") from exc
+    if not weights:
+        return hf_config, tokenizer, None
     log.info("reading weights from %s%s", folder, f" ({gguf})" if gguf else "")
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, low_cpu_mem_usage=True, **kwargs)
     return hf_config, tokenizer, hf_model.state_dict()
@@ -124,6 +128,7 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
     if quantize and quantize not in QUANT_MODES:  # before minutes of loading, not after
         raise ModelLoadError(f"--quantize must be one of {', '.join(QUANT_MODES)} (got {quantize!r})")
     folder, gguf = resolve(model_path)
+    files: list[str] = []
     if gguf is None and is_meta_folder(folder) and not (folder / "config.json").exists():
         log.info("reading the Meta layout in %s (converted on load)", folder)
         try:
@@ -131,8 +136,12 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
         except MetaFormatError as exc:
             raise ModelLoadError(str(exc)) from exc
     else:
-        hf_config, tokenizer, state = _read_hf(folder, gguf, dtype)
+        # tensor parallel over safetensors: every rank reads its own slices of the files, nothing is read here
+        files = sorted(str(f) for f in folder.glob("*.safetensors")) if tensor_parallel > 1 and not gguf \
+            and not lora else []
+        hf_config, tokenizer, state = _read_hf(folder, gguf, dtype, weights=not files)
     for adapter in lora or []:
+        assert state is not None
         try:
             n = merge_lora(state, Path(adapter))
         except LoraError as exc:
@@ -149,8 +158,14 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
             shard_config(cfg, tensor_parallel)
         except ValueError as exc:
             raise ModelLoadError(f"{folder}: {exc}") from exc
-        return LoadedModel(None, tokenizer, name or default_name(model_path), str(folder), ctx,
-                           ShardSource(cfg, dtype, state=state))
+        source = ShardSource(cfg, dtype, state=state, files=files or None)
+        if files:
+            try:
+                source.check_files()
+            except ValueError as exc:
+                raise ModelLoadError(f"{folder}: {exc}") from exc
+        return LoadedModel(None, tokenizer, name or default_name(model_path), str(folder), ctx, source)
+    assert state is not None
     with torch.device("meta"):
         model = LlamaModel(cfg)
     model = model.to_empty(device=device).to(dtype)

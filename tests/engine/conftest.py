@@ -18,6 +18,18 @@ class IdTokenizer:
         return "".join(f" {i}" for i in ids)
 
 
+def save_tiny_tokenizer(folder, vocab_size: int = 320) -> None:
+    """A word-level tokenizer of `vocab_size` ids ("w0", "w1", ...) saved as transformers saves one, so a
+    tiny checkpoint folder loads like a real one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+
+
 def tiny_hf(seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     kw = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.conftest import IdTokenizer, hf_greedy, run, tiny_hf
+from tests.engine.conftest import IdTokenizer, hf_greedy, run, save_tiny_tokenizer, tiny_hf
 from worker.engine import tensor_parallel as tp
 from worker.engine.engine import LLMEngine
 from worker.engine.model import LlamaConfig
@@ -53,3 +53,38 @@ def test_random_shards_are_slices_of_one_random_model():
     assert torch.equal(second.layers[0].self_attn.o_proj.weight, shard["model.layers.0.self_attn.o_proj.weight"])
     assert second.layers[0].self_attn.o_proj.weight.shape == (32, 16)
     assert torch.equal(second.lm_head.weight, whole.lm_head.weight)  # replicated tensors agree
+
+
+def test_ranks_read_only_their_slices_of_a_sharded_safetensors_checkpoint(hf, tmp_path):
+    """An HF folder of several safetensors files: the worker process reads no weights, each rank reads its
+    own rows and columns from the files, and the result is transformers' greedy output."""
+    import pickle
+
+    from worker.loader import ModelLoadError, load_model
+
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    save_tiny_tokenizer(tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    loaded = load_model(str(tmp_path), device="cpu", dtype=torch.float32, context_length=512, tensor_parallel=2)
+    source = loaded.shards
+    assert source.state is None and len(source.files) > 2
+    assert len(pickle.dumps(source)) < 4096  # what each spawned rank is sent: paths, not tensors
+    runner = tp.start(2, source, CacheConfig(block_size=4, num_blocks=256), 8, 512)
+    try:
+        engine = LLMEngine(runner, IdTokenizer(), max_num_seqs=8, max_batched_tokens=48)
+        prompts = [[(7 * i + 5 * j) % 300 + 3 for j in range(11 + 13 * i)] for i in range(3)]
+        out = run(engine, {0: [(f"r{i}", p, 10) for i, p in enumerate(prompts)]})
+        for i, p in enumerate(prompts):
+            assert out[f"r{i}"] == hf_greedy(hf, p, 10), i
+    finally:
+        runner.close()
+    # a checkpoint of another shape is refused before any rank starts, naming the tensor
+    other = tiny_hf(seed=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96)
+    wrong = tmp_path / "wrong"
+    other.save_pretrained(wrong, safe_serialization=True)
+    save_tiny_tokenizer(wrong)
+    with open(wrong / "config.json") as f:
+        cfg = f.read()
+    (wrong / "config.json").write_text(cfg.replace('"intermediate_size": 96', '"intermediate_size": 160'))
+    with pytest.raises(ModelLoadError, match="shape mismatch for model.layers.0.mlp.gate_proj.weight"):
+        load_model(str(wrong), device="cpu", dtype=torch.float32, context_length=512, tensor_parallel=2)

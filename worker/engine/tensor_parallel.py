@@ -41,24 +41,28 @@ def shard_config(cfg: LlamaConfig, world: int) -> LlamaConfig:
                                intermediate_size=cfg.intermediate_size // world)
 
 
+def shard_of(name: str, t: Any, cfg: LlamaConfig, world: int, rank: int) -> torch.Tensor:
+    """This rank's slice of the tensor called `name` (transformers' names): rows of q/k/v and gate/up, columns
+    of o_proj and down_proj, the rest whole. `t`: a tensor or a safetensors slice (read lazily: only the
+    rank's part comes off the disk)."""
+    d = cfg.head_dim
+    rows = {"q_proj": cfg.num_heads // world * d, "k_proj": cfg.num_kv_heads // world * d,
+            "v_proj": cfg.num_kv_heads // world * d, "gate_proj": cfg.intermediate_size // world,
+            "up_proj": cfg.intermediate_size // world}
+    cols = {"o_proj": cfg.num_heads // world * d, "down_proj": cfg.intermediate_size // world}
+    kind = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
+    if kind in rows:
+        n = rows[kind]
+        return t[rank * n:(rank + 1) * n].contiguous()
+    if kind in cols:
+        n = cols[kind]
+        return t[:, rank * n:(rank + 1) * n].contiguous()
+    return t if isinstance(t, torch.Tensor) else t[:]
+
+
 def shard_state(state: dict[str, torch.Tensor], cfg: LlamaConfig, world: int, rank: int) -> dict[str, torch.Tensor]:
     """This rank's slice of a full state dict with transformers' names."""
-    d = cfg.head_dim
-    hq, hkv, inter = cfg.num_heads // world, cfg.num_kv_heads // world, cfg.intermediate_size // world
-    rows = {"q_proj": hq * d, "k_proj": hkv * d, "v_proj": hkv * d, "gate_proj": inter, "up_proj": inter}
-    cols = {"o_proj": hq * d, "down_proj": inter}
-    out = {}
-    for name, t in state.items():
-        kind = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
-        if kind in rows:
-            n = rows[kind]
-            out[name] = t[rank * n:(rank + 1) * n].contiguous()
-        elif kind in cols:
-            n = cols[kind]
-            out[name] = t[:, rank * n:(rank + 1) * n].contiguous()
-        else:
-            out[name] = t
-    return out
+    return {name: shard_of(name, t, cfg, world, rank) for name, t in state.items()}
 
 
 def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
@@ -88,13 +92,16 @@ def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 @dataclass
 class ShardSource:
-    """How a rank gets its weights: a full state dict to slice, or a random model (benchmarks), generated
-    one tensor at a time on the rank's device and sliced at once, so no rank ever holds the whole model."""
+    """How a rank gets its weights: its slices read straight from an HF folder's safetensors files (each
+    rank reads only its part: a 65B checkpoint is never whole in memory), a full state dict to slice (the
+    formats that convert on load: .bin, GGUF, Meta, LoRA merges), or a random model (benchmarks),
+    generated one tensor at a time on the rank's device and sliced at once."""
 
     cfg: LlamaConfig
     dtype: torch.dtype
     state: dict[str, torch.Tensor] | None = None
     seed: int = 0
+    files: list[str] | None = None  # safetensors files with transformers' tensor names
 
     def build(self, world: int, rank: int, device: torch.device) -> LlamaModel:
         local = shard_config(self.cfg, world)
@@ -103,7 +110,9 @@ class ShardSource:
         model = model.to_empty(device=device).to(self.dtype)
         model.tie_weights()
         model.inv_freq = rope_inv_freq(local).to(device)
-        if self.state is not None:
+        if self.files:
+            model.load_hf_state_dict(self._read_slices(world, rank))
+        elif self.state is not None:
             model.load_hf_state_dict(shard_state(self.state, self.cfg, world, rank))
         else:
             self._load_random(model, world, rank, device)
@@ -112,6 +121,34 @@ class ShardSource:
             layer.self_attn.tp_group = group
             layer.mlp.tp_group = group
         return model.eval()
+
+    def check_files(self) -> None:
+        """Every weight the model needs is in the files with the model's shape (checked from the files'
+        headers, before any rank starts): a wrong checkpoint is refused with the tensor's name."""
+        from safetensors import safe_open
+
+        found: dict[str, tuple[int, ...]] = {}
+        for path in self.files or []:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118
+                    found[name] = tuple(f.get_slice(name).get_shape())
+        for name, shape in hf_shapes(self.cfg).items():
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            if name not in found:
+                raise ValueError(f"weight {name!r} not found in {len(self.files or [])} safetensors file(s)")
+            if found[name] != shape:
+                raise ValueError(f"shape mismatch for {name}: checkpoint {found[name]}, model {shape}")
+
+    def _read_slices(self, world: int, rank: int) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        for path in self.files or []:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    out[name] = shard_of(name, f.get_slice(name), self.cfg, world, rank).to(self.dtype)
+        return out
 
     @torch.no_grad()
     def _load_random(self, model: LlamaModel, world: int, rank: int, device: torch.device) -> None:
