@@ -1,7 +1,10 @@
 """GPU diagnostics for the engine (LLaMA-7B shape, random weights): the paged-decode kernel's bandwidth
 over tile/warp configurations, and the top CUDA kernels of one mixed (prefill) step and one decode step.
 
-    python benchmarks/profile_step.py
+    python benchmarks/profile_step.py [--sweep] [--splits]
+
+--splits: small batches (1..16) over 256..2048-token contexts, bf16 and fp8 caches: one program per
+(sequence, head) against the split-context kernel (the engine's choice of splits and a few tile configs).
 """
 
 from __future__ import annotations
@@ -36,17 +39,46 @@ def bench(fn, iters: int = 20) -> float:
     return start.elapsed_time(end) / iters / 1000
 
 
-def decode_kernel_sweep() -> list[dict]:
-    b, ctx, h, d, bs = 128, 800, 32, 128, 16
+def decode_inputs(b: int, ctx: int, kv_dtype: torch.dtype = torch.bfloat16, h: int = 32, d: int = 128, bs: int = 16):
     nblocks = b * ctx // bs + 8
-    k = torch.randn(nblocks * bs, h, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
+    k = torch.randn(nblocks * bs, h, d, device="cuda", dtype=torch.bfloat16).to(kv_dtype)
+    v = torch.randn(nblocks * bs, h, d, device="cuda", dtype=torch.bfloat16).to(kv_dtype)
     q = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(q)
     perm = torch.randperm(nblocks - 8, device="cuda").int()
     tables = perm[: b * (ctx // bs)].view(b, ctx // bs).contiguous()
     lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
-    bytes_read = 2 * b * ctx * h * d * 2
+    return q, torch.empty_like(q), k, v, tables, lens, 2 * b * ctx * h * d * k.element_size()
+
+
+def split_sweep() -> list[dict]:
+    rows = []
+    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        for b in (1, 2, 4, 8, 16):
+            for ctx in (256, 1024, 2048):
+                q, out, k, v, tables, lens, nbytes = decode_inputs(b, ctx, kv_dtype)
+                auto = triton_kernels.decode_splits(b, q.shape[1], triton_kernels._num_sms(0))
+                row = {"kv": str(kv_dtype).removeprefix("torch."), "batch": b, "ctx": ctx, "auto_splits": auto}
+                for label, splits in (("one_pass", 1), ("auto", auto)):
+                    t = bench(lambda: triton_kernels.paged_decode(out, q, k, v, tables, lens, 16, 0.088, splits=splits))
+                    row[f"{label}_us"], row[f"{label}_GB_s"] = round(t * 1e6, 1), round(nbytes / t / 1e9)
+                best = None
+                for tile in (16, 32, 64):
+                    for warps in (1, 2, 4):
+                        triton_kernels.SPLIT_CONFIG.update(tile=tile, num_warps=warps)
+                        t = bench(lambda: triton_kernels.paged_decode(out, q, k, v, tables, lens, 16, 0.088,
+                                                                      splits=max(2, auto)))
+                        if best is None or t < best[0]:
+                            best = (t, tile, warps)
+                triton_kernels.SPLIT_CONFIG.update(tile=32, num_warps=2)
+                row["best_split_us"], row["best_split_tile_warps"] = round(best[0] * 1e6, 1), best[1:]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def decode_kernel_sweep() -> list[dict]:
+    q, out, k, v, tables, lens, bytes_read = decode_inputs(128, 800)
+    bs = 16
     rows = []
     for tile in (16, 32, 64, 128):
         for warps in (2, 4, 8):
@@ -106,6 +138,8 @@ def profile_steps() -> dict:
 
 
 if __name__ == "__main__":
+    if "--splits" in sys.argv:
+        split_sweep()
     if "--sweep" in sys.argv:
         print(json.dumps({"decode_kernel_best": decode_kernel_sweep()}, indent=1), flush=True)
     print(json.dumps(profile_steps()), flush=True)
