@@ -15,14 +15,20 @@ def seq(tokens, max_tokens=4, **kw) -> Sequence:
     return Sequence("r", 0, list(tokens), SamplingParams(max_tokens=max_tokens, temperature=0, **kw))
 
 
+def run_and_free(bm: BlockManager, tokens) -> list[int]:
+    """A sequence that computed all its tokens and ended; returns the blocks it held."""
+    s = seq(tokens)
+    bm.allocate(s)
+    table = list(s.block_table)
+    s.num_computed_tokens = s.num_tokens
+    bm.commit_full_blocks(s)
+    bm.free_seq(s)
+    return table
+
+
 def test_prefix_blocks_are_reused_by_a_later_sequence():
     bm = BlockManager(num_blocks=8, block_size=4)
-    a = seq(range(10))
-    bm.allocate(a)
-    a_table = list(a.block_table)
-    a.num_computed_tokens = 10
-    bm.commit_full_blocks(a)  # blocks [0..3], [4..7] are full
-    bm.free_seq(a)
+    a_table = run_and_free(bm, range(10))  # blocks [0..3], [4..7] are full, [8, 9] partly filled
     b = seq([*range(10), 99, 98])
     bm.allocate(b)
     # two full blocks by hash, then a's partly filled third block (8, 9) taken over as it is
@@ -32,11 +38,7 @@ def test_prefix_blocks_are_reused_by_a_later_sequence():
 
 def test_a_kept_tail_is_taken_over_only_as_far_as_the_tokens_agree():
     bm = BlockManager(num_blocks=8, block_size=4)
-    a = seq(range(7))
-    bm.allocate(a)
-    a.num_computed_tokens = 7  # block 1 holds 4, 5, 6
-    bm.commit_full_blocks(a)
-    bm.free_seq(a)
+    run_and_free(bm, range(7))  # block 1 holds 4, 5, 6
     b = seq([0, 1, 2, 3, 4, 5, 77, 78])
     bm.allocate(b)
     assert b.num_computed_tokens == 6  # 4, 5 in common; 77 overwrites slot 2 of the taken-over block
@@ -49,11 +51,7 @@ def test_a_kept_tail_is_taken_over_only_as_far_as_the_tokens_agree():
 
 def test_a_tail_leaves_the_last_token_to_compute_and_is_forgotten_when_evicted():
     bm = BlockManager(num_blocks=3, block_size=4)
-    a = seq(range(6))
-    bm.allocate(a)
-    a.num_computed_tokens = 6
-    bm.commit_full_blocks(a)
-    bm.free_seq(a)
+    run_and_free(bm, range(6))
     same = seq(range(6))
     bm.allocate(same)
     assert same.num_computed_tokens == 5  # the prompt's last token is computed, to sample from
@@ -69,11 +67,7 @@ def test_a_tail_leaves_the_last_token_to_compute_and_is_forgotten_when_evicted()
 
 def test_fully_cached_prompt_still_computes_its_last_token():
     bm = BlockManager(num_blocks=8, block_size=4)
-    a = seq(range(8))
-    bm.allocate(a)
-    a.num_computed_tokens = 8
-    bm.commit_full_blocks(a)
-    bm.free_seq(a)
+    run_and_free(bm, range(8))
     b = seq(range(8))
     bm.allocate(b)
     assert b.num_computed_tokens == 4  # the second block is recomputed so a token can be sampled
@@ -82,11 +76,7 @@ def test_fully_cached_prompt_still_computes_its_last_token():
 def test_cached_blocks_are_evicted_least_recently_used_first():
     bm = BlockManager(num_blocks=4, block_size=2)
     for start in (0, 100):
-        s = seq(range(start, start + 3))
-        bm.allocate(s)
-        s.num_computed_tokens = 3
-        bm.commit_full_blocks(s)
-        bm.free_seq(s)
+        run_and_free(bm, range(start, start + 3))
     # fill the cache so the oldest cached block must be reused
     big = seq(range(500, 506))
     bm.allocate(big)

@@ -1,8 +1,9 @@
-"""Triton kernel for decode attention that reads K/V straight from the paged cache.
+"""The engine's Triton kernels (CUDA only; built on first use, so CPU hosts never import triton):
 
-One program per (sequence, query head): walks the sequence's block table in tiles of TILE tokens with an
-online softmax, so the cache is never gathered into a contiguous copy. Shapes:
-q/out [B, H, D]; k_cache/v_cache [slots, KVH, D]; block_tables [B, max_blocks] int32; context_lens [B].
+- paged decode attention, reading K/V (bf16 or fp8) straight from the paged cache: one program per
+  (sequence, query head[, part of the context]) walks the block table in tiles with an online softmax, so the
+  cache is never gathered into a contiguous copy; small batches split contexts and merge the parts;
+- RoPE fused with the K/V cache write; residual add fused with RMSNorm; SiLU fused with the up product.
 """
 
 from __future__ import annotations
@@ -21,49 +22,6 @@ def available() -> bool:
     except ImportError:
         return False
     return True
-
-
-@functools.lru_cache(maxsize=1)
-def _kernel():  # built lazily: nothing happens at import time, and CPU-only hosts never import triton
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def paged_decode_kernel(
-        out_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, scale,
-        stride_qb, stride_qh, stride_ob, stride_oh, stride_ks, stride_kh, stride_bt,
-        GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        kvh = h // GROUP
-        length = tl.load(lens_ptr + b)
-        d = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
-        m_i = tl.full([1], float("-inf"), tl.float32)
-        l_i = tl.zeros([1], tl.float32)
-        acc = tl.zeros([HEAD_DIM], tl.float32)
-        offs = tl.arange(0, TILE)
-        for start in range(0, length, TILE):
-            pos = start + offs
-            valid = pos < length
-            page = tl.load(bt_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
-            slot = page.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-            k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            p = tl.exp(s - m_new)
-            alpha = tl.exp(m_i - m_new)
-            v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            m_i = m_new
-        o = acc / l_i
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
-
-    return paged_decode_kernel
 
 
 # best of a sweep on H100 (benchmarks/profile_step.py): 2.86 TB/s at batch 128 x 800 tokens x 32 heads
@@ -89,21 +47,22 @@ def decode_splits(batch: int, heads: int, num_sms: int) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _split_kernels():
+def _decode_kernels():  # built lazily: nothing happens at import time, and CPU-only hosts never import triton
     import triton
     import triton.language as tl
 
     @triton.jit
-    def partial_kernel(
-        part_o_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, scale,
-        stride_qb, stride_qh, stride_ks, stride_kh, stride_bt,
+    def paged_decode_kernel(
+        out_ptr, part_o_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, scale,
+        stride_qb, stride_qh, stride_ob, stride_oh, stride_ks, stride_kh, stride_bt,
         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
         SPLITS: tl.constexpr,
     ):
+        """Program (sequence b, query head h, part): an online softmax over the part's tokens, TILE at a
+        time, walking the block table. One part: the output itself; several: partial results to merge."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         part = tl.program_id(2)
-        heads = tl.num_programs(1)
         kvh = h // GROUP
         length = tl.load(lens_ptr + b)
         per = tl.cdiv(tl.cdiv(length, SPLITS), TILE) * TILE  # this part's tokens: whole tiles
@@ -121,7 +80,7 @@ def _split_kernels():
             page = tl.load(bt_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
             slot = page.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
             kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-            k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)  # bf16 or fp8 cache
             s = tl.sum(k * q[None, :], axis=1)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -131,11 +90,15 @@ def _split_kernels():
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
-        row = (b * heads + h) * SPLITS + part  # an empty part leaves m = -inf, l = 0, acc = 0
-        tl.store(part_o_ptr + row * HEAD_DIM + d, acc)
-        one = tl.arange(0, 1)
-        tl.store(part_ml_ptr + row * 2 + one, m_i)
-        tl.store(part_ml_ptr + row * 2 + 1 + one, l_i)
+        if SPLITS == 1:
+            o = acc / l_i
+            tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+        else:
+            row = (b * tl.num_programs(1) + h) * SPLITS + part  # an empty part leaves m = -inf, l = 0, acc = 0
+            tl.store(part_o_ptr + row * HEAD_DIM + d, acc)
+            one = tl.arange(0, 1)
+            tl.store(part_ml_ptr + row * 2 + one, m_i)
+            tl.store(part_ml_ptr + row * 2 + 1 + one, l_i)
 
     @triton.jit
     def combine_kernel(out_ptr, part_o_ptr, part_ml_ptr, stride_ob, stride_oh,
@@ -155,50 +118,37 @@ def _split_kernels():
         o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_ * w, axis=0)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
 
-    return partial_kernel, combine_kernel
+    return paged_decode_kernel, combine_kernel
 
 
 def paged_decode(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, scale: float,
                  config: dict | None = None, splits: int | None = None) -> None:
-    """Decode attention over the paged cache (bf16/fp16 or fp8 K/V, read in fp32). Small batches split
-    each context across several programs and merge their partial softmaxes (flash-decoding); `splits`
-    overrides the choice (tests, sweeps)."""
-    bsz, heads, head_dim = q.shape
-    group = heads // k_cache.shape[1]
-    if splits is None:
-        splits = decode_splits(bsz, heads, _num_sms(q.device.index or 0)) if q.is_cuda else 1
-    if splits > 1:
-        _paged_decode_split(out, q, k_cache, v_cache, block_tables, context_lens, block_size, scale, splits, group)
-        return
-    cfg = config or DECODE_CONFIG
-    _kernel()[(bsz, heads)](
-        out, q, k_cache, v_cache, block_tables, context_lens, scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-        block_tables.stride(0),
-        GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, TILE=cfg["tile"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-
-
-def _paged_decode_split(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, scale: float,
-                        splits: int, group: int) -> None:
+    """Decode attention over the paged cache (bf16/fp16 or fp8 K/V, read in fp32). q/out [B, H, D];
+    k_cache/v_cache [slots, KVH, D]; block_tables [B, max_blocks] int32; context_lens [B]. Small batches
+    split each context across several programs and merge their partial softmaxes (flash-decoding);
+    `splits` overrides the choice (tests, sweeps)."""
     import triton
 
     bsz, heads, head_dim = q.shape
-    partial, combine = _split_kernels()
-    part_o = torch.empty((bsz * heads * splits, head_dim), dtype=torch.float32, device=q.device)
-    part_ml = torch.empty((bsz * heads * splits, 2), dtype=torch.float32, device=q.device)
-    cfg = SPLIT_CONFIG
-    partial[(bsz, heads, splits)](
-        part_o, part_ml, q, k_cache, v_cache, block_tables, context_lens, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-        GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, TILE=cfg["tile"], SPLITS=splits,
+    if splits is None:
+        splits = decode_splits(bsz, heads, _num_sms(q.device.index or 0)) if q.is_cuda else 1
+    kernel, combine = _decode_kernels()
+    cfg = config or (DECODE_CONFIG if splits == 1 else SPLIT_CONFIG)
+    part_o = part_ml = out  # unused by one pass
+    if splits > 1:
+        part_o = torch.empty((bsz * heads * splits, head_dim), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((bsz * heads * splits, 2), dtype=torch.float32, device=q.device)
+    kernel[(bsz, heads, splits)](
+        out, part_o, part_ml, q, k_cache, v_cache, block_tables, context_lens, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        block_tables.stride(0),
+        GROUP=heads // k_cache.shape[1], BLOCK_SIZE=block_size, HEAD_DIM=head_dim, TILE=cfg["tile"], SPLITS=splits,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    combine[(bsz, heads)](out, part_o, part_ml, out.stride(0), out.stride(1), HEAD_DIM=head_dim, SPLITS=splits,
-                          SPLITS_P2=triton.next_power_of_2(splits), num_warps=1)
+    if splits > 1:
+        combine[(bsz, heads)](out, part_o, part_ml, out.stride(0), out.stride(1), HEAD_DIM=head_dim, SPLITS=splits,
+                              SPLITS_P2=triton.next_power_of_2(splits), num_warps=1)
 
 
 @functools.lru_cache(maxsize=1)
