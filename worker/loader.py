@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from worker.engine.model import LlamaConfig, LlamaModel, rope_inv_freq
-from worker.engine.quant import DEFAULT_INT4_GROUP, quantize_model
+from worker.engine.quant import DEFAULT_INT4_GROUP, int4_group_size, quantize_model
 from worker.engine.quant import MODES as QUANT_MODES
 from worker.formats.lora import LoraError, merge_lora
 from worker.formats.meta import MetaFormatError, is_meta_folder, load_meta
@@ -114,6 +114,11 @@ def _read_hf(folder: Path, gguf: str | None, dtype: torch.dtype,
     return hf_config, tokenizer, hf_model.state_dict()
 
 
+def int4_group(folder: Path, gguf: str | None) -> int:
+    """int4 group size: 32 for weights read from a 4-bit GGUF file (already on that grid), else 128."""
+    return 32 if gguf and gguf_is_4bit(folder / gguf) else DEFAULT_INT4_GROUP
+
+
 def gguf_is_4bit(path: Path) -> bool:
     """Whether a GGUF file's layer weights are 4-bit block types (on a 4-bit grid per 32 weights)."""
     import gguf as gguf_lib
@@ -152,13 +157,15 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
     if tensor_parallel > 1:
         from worker.engine.tensor_parallel import ShardSource, shard_config
 
-        if quantize:
-            raise ModelLoadError("--quantize and --tensor-parallel cannot be combined yet")
         try:
-            shard_config(cfg, tensor_parallel)
+            local = shard_config(cfg, tensor_parallel)
+            if quantize == "int4":  # the row-parallel layers' input slices must sit on int4's group grid
+                for n in (local.hidden_size, local.num_heads * local.head_dim, local.intermediate_size):
+                    int4_group_size(n)
         except ValueError as exc:
-            raise ModelLoadError(f"{folder}: {exc}") from exc
-        source = ShardSource(cfg, dtype, state=state, files=files or None)
+            raise ModelLoadError(f"{folder}: {exc} with --tensor-parallel {tensor_parallel}") from exc
+        source = ShardSource(cfg, dtype, state=state, files=files or None, quantize=quantize,
+                             int4_group=int4_group(folder, gguf))
         if files:
             try:
                 source.check_files()
@@ -177,8 +184,7 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
         raise ModelLoadError(f"{folder}: {exc}") from exc
     del state
     if quantize:
-        group = 32 if gguf and gguf_is_4bit(folder / gguf) else DEFAULT_INT4_GROUP
-        quantize_model(model, quantize, group)
+        quantize_model(model, quantize, int4_group(folder, gguf))
     return LoadedModel(model.eval(), tokenizer, name or default_name(model_path), str(folder), ctx)
 
 

@@ -88,3 +88,43 @@ def test_ranks_read_only_their_slices_of_a_sharded_safetensors_checkpoint(hf, tm
     (wrong / "config.json").write_text(cfg.replace('"intermediate_size": 96', '"intermediate_size": 160'))
     with pytest.raises(ModelLoadError, match="shape mismatch for model.layers.0.mlp.gate_proj.weight"):
         load_model(str(wrong), device="cpu", dtype=torch.float32, context_length=512, tensor_parallel=2)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_two_quantized_ranks_answer_like_one_quantized_process(mode):
+    """--quantize with --tensor-parallel: each rank quantizes its own slices (row-parallel layers get scales
+    over their half of the inputs, so the weights differ from one process's by rounding only)."""
+    from worker.engine.model_runner import ModelRunner
+    from worker.engine.quant import QuantLinear
+
+    hf = tiny_hf(seed=12, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192)  # int4: 96 per rank
+    cfg = LlamaConfig.from_hf(hf.config)
+    prompts = [[(3 * i + 7 * j) % 300 + 3 for j in range(10 + 15 * i)] for i in range(3)]
+
+    def source() -> tp.ShardSource:
+        return tp.ShardSource(cfg, torch.float32, state={k: v.clone() for k, v in hf.state_dict().items()},
+                              quantize=mode, int4_group=32)
+
+    single = ModelRunner(source().build(1, 0, torch.device("cpu")), CacheConfig(block_size=4, num_blocks=256), 8, 512)
+    assert isinstance(single.model.layers[0].mlp.down_proj, QuantLinear)
+    want = run(LLMEngine(single, IdTokenizer(), max_num_seqs=8, max_batched_tokens=48),
+               {0: [(f"r{i}", p, 10) for i, p in enumerate(prompts)]})
+    runner = tp.start(2, source(), CacheConfig(block_size=4, num_blocks=256), 8, 512)
+    try:
+        assert isinstance(runner.model.layers[0].self_attn.o_proj, QuantLinear)
+        got = run(LLMEngine(runner, IdTokenizer(), max_num_seqs=8, max_batched_tokens=48),
+                  {0: [(f"r{i}", p, 10) for i, p in enumerate(prompts)]})
+    finally:
+        runner.close()
+    same = sum(a == b for i in range(len(prompts)) for a, b in zip(got[f"r{i}"], want[f"r{i}"]))
+    assert same >= 0.9 * sum(len(v) for v in want.values()), (got, want)
+
+
+def test_int4_with_slices_off_its_grid_is_refused_before_any_rank_starts(hf, tmp_path):
+    from worker.loader import ModelLoadError, load_model
+
+    hf.save_pretrained(tmp_path, safe_serialization=True)  # intermediate 160: 80 per rank, not a multiple of 32
+    save_tiny_tokenizer(tmp_path)
+    with pytest.raises(ModelLoadError, match="int4.*80"):
+        load_model(str(tmp_path), device="cpu", dtype=torch.float32, context_length=512, tensor_parallel=2,
+                   quantize="int4")

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from worker.engine.model import LlamaConfig, LlamaModel, rope_inv_freq
 from worker.engine.model_runner import CacheConfig, ModelRunner
+from worker.engine.quant import DEFAULT_INT4_GROUP, quantize_model
 from worker.engine.scheduler import Batch
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class ShardSource:
     state: dict[str, torch.Tensor] | None = None
     seed: int = 0
     files: list[str] | None = None  # safetensors files with transformers' tensor names
+    quantize: str = ""  # int8 / int4: each rank quantizes its own slices after loading them
+    int4_group: int = DEFAULT_INT4_GROUP
 
     def build(self, world: int, rank: int, device: torch.device) -> LlamaModel:
         local = shard_config(self.cfg, world)
@@ -116,6 +119,8 @@ class ShardSource:
             model.load_hf_state_dict(shard_state(self.state, self.cfg, world, rank))
         else:
             self._load_random(model, world, rank, device)
+        if self.quantize:  # per-rank: row-parallel layers get scales over their own input slice
+            quantize_model(model, self.quantize, self.int4_group)
         group = dist.group.WORLD if world > 1 else None
         for layer in model.layers:
             layer.self_attn.tp_group = group
