@@ -43,15 +43,18 @@ def tiny_hf(seed: int = 0, **overrides) -> LlamaForCausalLM:
 
 
 def engine_for(hf: LlamaForCausalLM, num_blocks: int = 0, block_size: int = 4, budget: int = 64,
-               max_num_seqs: int = 16, prefix_caching: bool = True, overlap: bool | None = None) -> LLMEngine:
-    """`overlap`: pipelined output processing (the GPU's mode) on or off; None: the device's default."""
+               max_num_seqs: int = 16, prefix_caching: bool = True, overlap: bool | None = None,
+               kv_dtype: str = "auto", graphs: bool = True, memory_fraction: float = 0.0) -> LLMEngine:
+    """`overlap`: pipelined output processing (the GPU's mode) on or off; None: the device's default.
+    `memory_fraction`: size the KV cache from that fraction of GPU memory instead of `num_blocks`."""
     cfg = LlamaConfig.from_hf(hf.config)
     p = next(hf.parameters())
     with torch.device(p.device):
         model = LlamaModel(cfg).to(p.dtype)
     model.load_hf_state_dict(hf.state_dict())
-    runner = ModelRunner(model, CacheConfig(block_size=block_size, num_blocks=num_blocks or 1024),
-                         max_num_seqs, hf.config.max_position_embeddings)
+    cache = CacheConfig(block_size=block_size, num_blocks=0 if memory_fraction else num_blocks or 1024,
+                        gpu_memory_utilization=memory_fraction or 0.9, dtype=kv_dtype)
+    runner = ModelRunner(model, cache, max_num_seqs, hf.config.max_position_embeddings, use_cuda_graphs=graphs)
     engine = LLMEngine(runner, IdTokenizer(), max_num_seqs=max_num_seqs, max_batched_tokens=budget,
                        enable_prefix_caching=prefix_caching)
     if overlap is not None:
