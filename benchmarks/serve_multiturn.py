@@ -42,12 +42,25 @@ def system_prompt(tokens: int) -> str:
     return (sentence * (tokens // 17 + 1)).strip()
 
 
+def user_message(uid: int, turn: int) -> dict[str, str]:
+    """User `uid`'s message at `turn` (from 0): the same conversations over HTTP and in-process."""
+    topic = TOPICS[(uid * 3 + turn) % len(TOPICS)]
+    return {"role": "user", "content": f"Tell me something about {topic}. (user {uid}, turn {turn + 1})"}
+
+
+def turn_result(uid: int, turn: int, t0: float, stamps: list[float], completion: int, prompt: int,
+                cached: int) -> dict:
+    """One answered turn: TTFT and inter-token gaps from the arrival times of its text, and its usage."""
+    return {"user": uid, "turn": turn + 1, "ttft": stamps[0] - t0 if stamps else float("nan"),
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "completion_tokens": completion,
+            "prompt_tokens": prompt, "cached_tokens": cached}
+
+
 async def user(client: httpx.AsyncClient, url: str, model: str, uid: int, turns: int, tokens: int, system: str,
                results: list[dict]) -> None:
     history = [{"role": "system", "content": system}] if system else []
     for turn in range(turns):
-        topic = TOPICS[(uid * 3 + turn) % len(TOPICS)]
-        history.append({"role": "user", "content": f"Tell me something about {topic}. (user {uid}, turn {turn + 1})"})
+        history.append(user_message(uid, turn))
         body = {"model": model, "messages": history, "stream": True, "max_tokens": tokens, "temperature": 0,
                 "ignore_eos": True, "stream_options": {"include_usage": True}}
         t0 = time.perf_counter()
@@ -67,11 +80,9 @@ async def user(client: httpx.AsyncClient, url: str, model: str, uid: int, turns:
                         stamps.append(time.perf_counter())
                         parts.append(ch["delta"]["content"])
         history.append({"role": "assistant", "content": "".join(parts)})
-        results.append({"user": uid, "turn": turn + 1, "ttft": stamps[0] - t0 if stamps else float("nan"),
-                        "itl": [b - a for a, b in zip(stamps, stamps[1:])],
-                        "completion_tokens": usage.get("completion_tokens", 0),
-                        "prompt_tokens": usage.get("prompt_tokens", 0),
-                        "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)})
+        results.append(turn_result(uid, turn, t0, stamps, usage.get("completion_tokens", 0),
+                                   usage.get("prompt_tokens", 0),
+                                   usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)))
 
 
 async def run_users(url: str, model: str, users: int, turns: int, tokens: int, system: str,
@@ -124,8 +135,7 @@ def run_offline(engine, loaded, renderer, users: int, turns: int, tokens: int, s
         live: dict[str, dict] = {}
 
         def submit(u: int) -> None:
-            topic = TOPICS[(u * 3 + turn[u]) % len(TOPICS)]
-            history[u].append({"role": "user", "content": f"Tell me something about {topic}. (user {u}, turn {turn[u] + 1})"})
+            history[u].append(user_message(u, turn[u]))
             req = GenerateRequest(request_id=f"u{u}t{turn[u]}", messages=[Message(**m) for m in history[u]],
                                   params=SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
             ids, _, params = prepare(req, loaded, renderer)
@@ -146,12 +156,8 @@ def run_offline(engine, loaded, renderer, users: int, turns: int, tokens: int, s
                 if o.finished:
                     del live[o.request_id]
                     u = st["user"]
-                    stamps = st["stamps"]
-                    results.append({"user": u, "turn": turn[u] + 1,
-                                    "ttft": stamps[0] - st["t0"] if stamps else float("nan"),
-                                    "itl": [b - a for a, b in zip(stamps, stamps[1:])],
-                                    "completion_tokens": o.completion_tokens, "prompt_tokens": o.prompt_tokens,
-                                    "cached_tokens": o.cached_tokens})
+                    results.append(turn_result(u, turn[u], st["t0"], st["stamps"], o.completion_tokens,
+                                               o.prompt_tokens, o.cached_tokens))
                     history[u].append({"role": "assistant", "content": "".join(st["parts"])})
                     turn[u] += 1
                     if turn[u] < turns:

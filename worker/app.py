@@ -105,6 +105,9 @@ def build_engine(settings: WorkerSettings) -> tuple[LoadedModel, LLMEngine]:
                             cpu_cache_tokens=settings.kv_cache_tokens, dtype=settings.kv_cache_dtype)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
+    if settings.tensor_parallel > 1 and device == "cuda" and torch.cuda.device_count() < settings.tensor_parallel:
+        raise ModelLoadError(f"--tensor-parallel {settings.tensor_parallel} needs that many GPUs; this host has "
+                             f"{torch.cuda.device_count()}")
     log.info("loading model %s on %s (%s)", settings.model_path or "<embedded SmolLM2-135M-Instruct>", device, dtype)
     t0 = time.monotonic()
     loaded = load_model(settings.model_path or None, device=device, dtype=dtype,
@@ -114,9 +117,6 @@ def build_engine(settings: WorkerSettings) -> tuple[LoadedModel, LLMEngine]:
     if settings.tensor_parallel > 1:
         from worker.engine import tensor_parallel
 
-        if device == "cuda" and torch.cuda.device_count() < settings.tensor_parallel:
-            raise ModelLoadError(f"--tensor-parallel {settings.tensor_parallel} needs that many GPUs; this host has "
-                                 f"{torch.cuda.device_count()}")
         # decode CUDA graphs stay off across ranks for now: captured all-reduces hung multi-sequence runs
         runner: ModelRunner = tensor_parallel.start(settings.tensor_parallel, loaded.shards, cache,
                                                     settings.max_num_seqs, loaded.context_length, False)

@@ -133,6 +133,7 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
     if quantize and quantize not in QUANT_MODES:  # before minutes of loading, not after
         raise ModelLoadError(f"--quantize must be one of {', '.join(QUANT_MODES)} (got {quantize!r})")
     folder, gguf = resolve(model_path)
+    group = int4_group(folder, gguf) if quantize == "int4" else DEFAULT_INT4_GROUP
     files: list[str] = []
     if gguf is None and is_meta_folder(folder) and not (folder / "config.json").exists():
         log.info("reading the Meta layout in %s (converted on load)", folder)
@@ -164,8 +165,7 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
                     int4_group_size(n)
         except ValueError as exc:
             raise ModelLoadError(f"{folder}: {exc} with --tensor-parallel {tensor_parallel}") from exc
-        source = ShardSource(cfg, dtype, state=state, files=files or None, quantize=quantize,
-                             int4_group=int4_group(folder, gguf))
+        source = ShardSource(cfg, dtype, state=state, files=files or None, quantize=quantize, int4_group=group)
         if files:
             try:
                 source.check_files()
@@ -184,7 +184,7 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
         raise ModelLoadError(f"{folder}: {exc}") from exc
     del state
     if quantize:
-        quantize_model(model, quantize, int4_group(folder, gguf))
+        quantize_model(model, quantize, group)
     return LoadedModel(model.eval(), tokenizer, name or default_name(model_path), str(folder), ctx)
 
 

@@ -153,9 +153,8 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_INT4_G
     """Replace every decoder projection (q/k/v, o, gate/up, down) by its quantized form, in place.
 
     int4 groups: 128 by default (7B: 3.96 GB of weights); a model read from a 4-bit GGUF file already sits
-    on a 4-bit grid per 32 weights (Q4_0/Q4_1/Q4_K), so the loader asks for 32 there: lossless."""
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization {mode!r} (expected one of {', '.join(MODES)})")
+    on a 4-bit grid per 32 weights (Q4_0/Q4_1/Q4_K), so the loader asks for 32 there: lossless. An unknown
+    mode is refused by the first layer's QuantLinear, before anything is replaced."""
     before = weight_bytes(model)
     for layer in model.layers:  # type: ignore[attr-defined]
         attn, mlp = layer.self_attn, layer.mlp

@@ -160,8 +160,8 @@ class ShardSource:
         shapes = hf_shapes(self.cfg)
 
         def part(name: str) -> torch.Tensor:
-            full = {name: random_tensor(name, shapes[name], self.dtype, device, self.seed)}
-            return shard_state(full, self.cfg, world, rank)[name]
+            full = random_tensor(name, shapes[name], self.dtype, device, self.seed)
+            return shard_of(name, full, self.cfg, world, rank)
 
         model.embed_tokens.weight.copy_(part("model.embed_tokens.weight"))
         model.norm.weight.copy_(part("model.norm.weight"))
@@ -266,7 +266,6 @@ class TensorParallelRunner(ModelRunner):
                  use_cuda_graphs: bool, peers: list[multiprocessing.connection.Connection], procs: list[Any]):
         self.peers, self.procs = peers, procs
         super().__init__(model, cache, max_num_seqs, max_model_len, use_cuda_graphs)
-        self.world = len(peers) + 1
         atexit.register(self.close)
 
     def _cache_sized(self, cache: CacheConfig, max_num_seqs: int, max_model_len: int, graphs: bool) -> None:
