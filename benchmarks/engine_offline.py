@@ -152,11 +152,22 @@ def main() -> None:
     ap.add_argument("--cpu-cache-tokens", type=int, default=65536)
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16) or fp8; with fp8 the bf16 figures are "
                     "measured too, in the same run, as the baseline")
+    ap.add_argument("--fp8-decode-config", default="", help="tile,warps,stages of the decode kernel over an fp8 "
+                    "cache (e.g. a sweep's best from benchmarks/profile_step.py --sweep; default: the engine's)")
     a = ap.parse_args()
+    if a.fp8_decode_config:
+        from worker.engine import triton_kernels
+
+        tile, warps, stages = (int(x) for x in a.fp8_decode_config.split(","))
+        triton_kernels.FP8_DECODE_CONFIG.update(tile=tile, num_warps=warps, num_stages=stages)
     dtype = torch.bfloat16
     result: dict = {"shape": a.shape, "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
                     "torch": torch.__version__, "requests": a.requests, "prompt_range": [a.min_prompt, a.max_prompt],
                     "output_tokens_each": a.output}
+    if a.kv_cache_dtype == "fp8":
+        from worker.engine import triton_kernels
+
+        result["fp8_decode_config"] = dict(triton_kernels.FP8_DECODE_CONFIG)
     hf = hf_model(a.shape, dtype, a.device)
     prompts = workload(a.requests, a.min_prompt, a.max_prompt, hf.config.vocab_size)
     baselines = set(a.baselines.split(","))

@@ -1,7 +1,8 @@
 """GPU diagnostics for the engine (LLaMA-7B shape, random weights): the paged-decode kernel's bandwidth
 over tile/warp configurations, and the top CUDA kernels of one mixed (prefill) step and one decode step.
 
-    python benchmarks/profile_step.py [--sweep] [--splits]
+    python benchmarks/profile_step.py [--sweep] [--splits] [--no-steps]
+    python benchmarks/profile_step.py --best-fp8 SWEEP_OUTPUT   # the fp8 sweep's best as tile,warps,stages
 
 --splits: small batches (1..16) over 256..2048-token contexts, bf16 and fp8 caches: one program per
 (sequence, head) against the split-context kernel (the engine's choice of splits and a few tile configs).
@@ -27,13 +28,20 @@ from worker.loader import random_model  # noqa: E402
 
 
 def bench(fn, iters: int = 20) -> float:
+    """Device time of one call: `iters` calls captured in a CUDA graph and replayed (small kernels timed
+    with host launches measure the launch overhead, ~25 us a Triton launch, not the kernel)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(iters):
-        fn()
+    graph.replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters / 1000
@@ -64,33 +72,32 @@ def split_sweep() -> list[dict]:
                 best = None
                 for tile in (16, 32, 64):
                     for warps in (1, 2, 4):
-                        triton_kernels.SPLIT_CONFIG.update(tile=tile, num_warps=warps)
-                        t = bench(lambda: triton_kernels.paged_decode(out, q, k, v, tables, lens, 16, 0.088,
+                        cfg = {"tile": tile, "num_warps": warps, "num_stages": 2}
+                        t = bench(lambda: triton_kernels.paged_decode(out, q, k, v, tables, lens, 16, 0.088, cfg,
                                                                       splits=max(2, auto)))
                         if best is None or t < best[0]:
                             best = (t, tile, warps)
-                triton_kernels.SPLIT_CONFIG.update(tile=32, num_warps=2)
                 row["best_split_us"], row["best_split_tile_warps"] = round(best[0] * 1e6, 1), best[1:]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
 
 
-def decode_kernel_sweep() -> list[dict]:
-    q, out, k, v, tables, lens, bytes_read = decode_inputs(128, 800)
-    bs = 16
+def decode_kernel_sweep(kv_dtype: torch.dtype, b: int, ctx: int) -> list[dict]:
+    """One-pass decode configurations at a large batch (the 512-request workload runs ~256 sequences)."""
+    q, out, k, v, tables, lens, bytes_read = decode_inputs(b, ctx, kv_dtype)
     rows = []
-    for tile in (16, 32, 64, 128):
-        for warps in (2, 4, 8):
-            for stages in (1, 2, 3):
+    for tile in (32, 64, 128):
+        for warps in (1, 2, 4):
+            for stages in (2, 3):
                 cfg = {"tile": tile, "num_warps": warps, "num_stages": stages}
                 try:
-                    t = bench(lambda: triton_kernels.paged_decode(out, q, k, v, tables, lens, bs, 0.088, cfg))
+                    t = bench(lambda: triton_kernels.paged_decode(out, q, k, v, tables, lens, 16, 0.088, cfg, splits=1))
                 except Exception as exc:  # noqa: BLE001
                     rows.append({**cfg, "error": str(exc)[:80]})
                     continue
-                rows.append({**cfg, "ms": round(t * 1000, 3), "GB_s": round(bytes_read / t / 1e9)})
-    return sorted([r for r in rows if "ms" in r], key=lambda r: r["ms"])[:6]
+                rows.append({**cfg, "us": round(t * 1e6, 1), "GB_s": round(bytes_read / t / 1e9)})
+    return sorted([r for r in rows if "us" in r], key=lambda r: r["us"])[:5]
 
 
 def profile_steps() -> dict:
@@ -137,9 +144,22 @@ def profile_steps() -> dict:
     return out
 
 
+def best_fp8(path: str) -> str:
+    """tile,warps,stages of the fastest fp8 row in a --sweep output file (for engine_offline.py)."""
+    rows = [json.loads(line) for line in open(path) if line.startswith('{"kv"')]
+    b = next(r for r in rows if r["kv"] == "float8_e4m3fn" and "best" in r)["best"][0]
+    return f"{b['tile']},{b['num_warps']},{b['num_stages']}"
+
+
 if __name__ == "__main__":
+    if "--best-fp8" in sys.argv:
+        print(best_fp8(sys.argv[sys.argv.index("--best-fp8") + 1]))
+        sys.exit()
     if "--splits" in sys.argv:
         split_sweep()
     if "--sweep" in sys.argv:
-        print(json.dumps({"decode_kernel_best": decode_kernel_sweep()}, indent=1), flush=True)
-    print(json.dumps(profile_steps()), flush=True)
+        for kv, b, ctx in ((torch.bfloat16, 128, 800), (torch.float8_e4m3fn, 256, 608), (torch.bfloat16, 256, 608)):
+            best = decode_kernel_sweep(kv, b, ctx)
+            print(json.dumps({"kv": str(kv).removeprefix("torch."), "batch": b, "ctx": ctx, "best": best}), flush=True)
+    if "--no-steps" not in sys.argv:
+        print(json.dumps(profile_steps()), flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import os
@@ -48,9 +49,10 @@ from chatserve.protocol.internal import (
     WorkerRegistration,
 )
 from chatserve.settings import WorkerSettings
-from worker.async_engine import KEEPALIVE, AsyncEngine, EngineDeadError
+from worker.async_engine import KEEPALIVE, AsyncEngine, EngineClient, EngineDeadError
 from worker.engine.engine import LLMEngine, SeqOutput
 from worker.engine.model_runner import CacheConfig, ModelRunner
+from worker.engine_process import ProcessEngine
 from worker.loader import LoadedModel, ModelLoadError, load_model
 from worker.prompting import PromptRenderer
 
@@ -79,11 +81,11 @@ class WorkerState:
     status: str = "loading"  # loading -> ready | failed
     error: str = ""
     loaded: LoadedModel | None = None
-    engine: AsyncEngine | None = None
+    engine: EngineClient | None = None
     renderer: PromptRenderer | None = None
     registered: bool = False
 
-    def require_ready(self) -> tuple[LoadedModel, AsyncEngine, PromptRenderer]:
+    def require_ready(self) -> tuple[LoadedModel, EngineClient, PromptRenderer]:
         if self.status != "ready" or not self.loaded or not self.engine or not self.renderer:
             raise ServiceUnavailableError(f"worker is {self.status}")
         if self.engine.dead:
@@ -96,6 +98,16 @@ class WorkerState:
         load = dict(self.engine.load)
         load["queue_length"] = max(int(load.get("queue_length", 0)), self.engine.pending)
         return WorkerLoad(**load)  # type: ignore[arg-type]
+
+
+def use_engine_process(settings: WorkerSettings) -> bool:
+    if settings.engine_process not in ("auto", "on", "off"):
+        raise ModelLoadError(f"--engine-process must be auto, on or off (got {settings.engine_process!r})")
+    if settings.tensor_parallel > 1:  # rank 0 spawns the other ranks: it stays in the worker's process
+        return False
+    if settings.engine_process == "auto":
+        return resolve_device(settings)[0] == "cuda"
+    return settings.engine_process == "on"
 
 
 def build_engine(settings: WorkerSettings) -> tuple[LoadedModel, LLMEngine]:
@@ -169,8 +181,14 @@ def build_app(settings: WorkerSettings) -> FastAPI:
 
     async def startup() -> None:
         try:
-            loaded, engine = await asyncio.to_thread(build_engine, settings)
-            await asyncio.to_thread(warm_up, engine)
+            if use_engine_process(settings):
+                state.engine = await asyncio.to_thread(ProcessEngine.launch, settings)
+                loaded = state.engine.loaded
+                log.info("engine running in process %d", state.engine.pid)
+            else:
+                loaded, engine = await asyncio.to_thread(build_engine, settings)
+                await asyncio.to_thread(warm_up, engine)
+                state.engine = AsyncEngine(engine)
         except (ModelLoadError, ValueError, OSError) as exc:
             state.status, state.error = "failed", str(exc)
             log.error("model load failed: %s", exc)
@@ -180,7 +198,10 @@ def build_app(settings: WorkerSettings) -> FastAPI:
             log.exception("worker start-up failed")
             return
         state.loaded, state.renderer = loaded, PromptRenderer(loaded.tokenizer, loaded.name, settings.chat_template)
-        state.engine = AsyncEngine(engine)
+        # loading leaves millions of long-lived objects (modules, tokenizer tables): out of the collector's
+        # reach from here on, so a full collection while serving does not walk them (a stall of every stream)
+        gc.collect()
+        gc.freeze()
         state.engine.start()
         state.status = "ready"
         log.info("worker ready: model %s at %s", loaded.name, address)
@@ -253,6 +274,8 @@ def build_app(settings: WorkerSettings) -> FastAPI:
                 "model": state.loaded.name if state.loaded else None, "registered": state.registered}
         if state.status == "failed":
             body["error"] = state.error
+        elif state.engine and state.engine.dead:
+            body["error"] = state.engine.dead
         if state.status != "ready" or (state.engine and state.engine.dead):
             return JSONResponse(body, status_code=503)
         return body
@@ -263,6 +286,7 @@ def build_app(settings: WorkerSettings) -> FastAPI:
                 "model": state.loaded.name if state.loaded else None,
                 "context_length": state.loaded.context_length if state.loaded else None,
                 "chat_template": state.renderer.template_name if state.renderer else None,
+                "engine_pid": getattr(state.engine, "pid", None),  # --engine-process: the engine's own process
                 "load": state.load_report().model_dump()}
 
     @app.post("/tokenize", dependencies=[Depends(internal)])

@@ -68,26 +68,26 @@ def merge_outputs(items: list[Any]) -> list[Any]:
     return out
 
 
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self._cmds: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wake = threading.Event()
+class EngineClient:
+    """The handler side, whichever way the engine runs: per-request output streams, the pending count, the
+    last load report, and `dead` once the engine failed. Subclasses carry commands to the engine."""
+
+    def __init__(self, load: dict[str, float | int]):
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self.load: dict[str, float | int] = engine.load()
+        self.load = load
         self.pending = 0  # requests accepted by handlers but not yet finished
         self.dead: str | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        raise NotImplementedError
 
     def stop(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=5)
+        raise NotImplementedError
+
+    def _command(self, cmd: str, arg: Any) -> None:
+        """Hand one command (add, abort, embed) to the engine."""
+        raise NotImplementedError
 
     # --- handler side -------------------------------------------------------------------------------
 
@@ -102,8 +102,7 @@ class AsyncEngine:
         with self._lock:
             self._streams[request_id] = stream
         self.pending += 1
-        self._cmds.put(("add", (request_id, prompt_ids, params, n)))
-        self._wake.set()
+        self._command("add", (request_id, prompt_ids, params, n))
         finished = 0
         quiet = [True]  # nothing arrived since the last keepalive tick
         timer: asyncio.TimerHandle | None = None
@@ -140,19 +139,17 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
             if finished < n:
-                self._cmds.put(("abort", request_id))
-                self._wake.set()
+                self._command("abort", request_id)
 
     async def embed(self, inputs: list[list[int]]) -> list[Any]:
-        """Embeddings of token-id inputs, computed on the engine thread between two steps."""
+        """Embeddings of token-id inputs, computed by the engine between two steps."""
         if self.dead:
             raise EngineDeadError(self.dead)
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._cmds.put(("embed", (inputs, future)))
-        self._wake.set()
+        self._command("embed", (inputs, future))
         return await future
 
-    # --- engine thread ------------------------------------------------------------------------------
+    # --- engine side ----------------------------------------------------------------------------------
 
     def _deliver(self, request_id: str, item: Any) -> None:
         with self._lock:
@@ -170,6 +167,38 @@ class AsyncEngine:
                     by_loop.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
+
+    def _fail_all(self, reason: str) -> None:
+        """The engine is gone: every open stream ends with EngineDeadError."""
+        self.dead = reason
+        with self._lock:
+            ids = list(self._streams)
+        for rid in ids:
+            self._deliver(rid, EngineDeadError(reason))
+
+
+class AsyncEngine(EngineClient):
+    """The engine loop on a thread of this process (CPU workers: the forward pass leaves the GIL anyway)."""
+
+    def __init__(self, engine: LLMEngine):
+        super().__init__(engine.load())
+        self.engine = engine
+        self._cmds: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def _command(self, cmd: str, arg: Any) -> None:
+        self._cmds.put((cmd, arg))
+        self._wake.set()
 
     def _drain_commands(self) -> None:
         while True:
@@ -192,13 +221,19 @@ class AsyncEngine:
                 except Exception as exc:  # noqa: BLE001 - the caller gets it; the engine keeps serving
                     log.exception("embedding failed")
                     result = exc
-                future.get_loop().call_soon_threadsafe(_settle, future, result)
+                self._embedded(future, result)
+
+    def _embedded(self, future: Any, result: Any) -> None:
+        future.get_loop().call_soon_threadsafe(_settle, future, result)
+
+    def _report_load(self) -> None:
+        self.load = self.engine.load()
 
     def _run(self) -> None:
         while not self._stop:
             self._drain_commands()
             if not self.engine.has_unfinished():
-                self.load = self.engine.load()
+                self._report_load()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -212,12 +247,11 @@ class AsyncEngine:
                                 self.engine.last_step_decode_only)
             except Exception as exc:  # noqa: BLE001 - fail every stream, keep nothing half-done
                 log.exception("engine step failed")
-                self.dead = f"engine failure: {type(exc).__name__}"
                 with self._lock:
                     ids = list(self._streams)
                 for rid in ids:
                     self.engine.abort(rid)
-                    self._deliver(rid, EngineDeadError(self.dead))
+                self._fail_all(f"engine failure: {type(exc).__name__}")
                 return
             self._deliver_many(outputs)
             self.load = self.engine.load()

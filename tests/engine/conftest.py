@@ -73,8 +73,10 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
-def run(engine: LLMEngine, arrivals: dict[int, list[tuple[str, list[int], int]]] | None = None) -> dict[str, list[int]]:
-    """Step the engine to completion; arrivals[step] = requests added before that step."""
+def run(engine: LLMEngine, arrivals: dict[int, list[tuple[str, list[int], int]]] | None = None,
+        finished: list[str] | None = None) -> dict[str, list[int]]:
+    """Step the engine to completion; arrivals[step] = requests added before that step. `finished` gets the
+    request ids in the order they finish."""
     arrivals = arrivals or {}
     outs: dict[str, list[int]] = {}
     step = 0
@@ -83,6 +85,8 @@ def run(engine: LLMEngine, arrivals: dict[int, list[tuple[str, list[int], int]]]
             engine.add_request(rid, prompt, greedy(n))
         for o in engine.step():
             outs.setdefault(o.request_id, []).extend(o.token_ids)
+            if o.finished and finished is not None:
+                finished.append(o.request_id)
         step += 1
         assert step < 10_000
     return outs

@@ -40,11 +40,15 @@ def test_gpu_prefix_cache_and_preemption_match(hf_gpu):
     engine = engine_for(hf_gpu, num_blocks=40, block_size=16, budget=512, max_num_seqs=16)
     engine.scheduler.growth_cap = 0  # admit on prompt blocks alone, so running sequences get preempted
     ps = prompts(2, 6, 60, 150)
-    out = run(engine, {0: [(f"r{i}", p, 40) for i, p in enumerate(ps)]})
+    finished: list[str] = []
+    out = run(engine, {0: [(f"r{i}", p, 40) for i, p in enumerate(ps)]}, finished)
     assert engine.scheduler.num_preemptions > 0
     for i, p in enumerate(ps):
         assert out[f"r{i}"] == hf_greedy(hf_gpu, p, 40), i
-    turn2 = ps[0] + out["r0"] + prompts(3, 1, 10, 10)[0]
+    # the next turn of the conversation that finished last: the cache is smaller than all six, so the blocks
+    # of those that finished first were evicted (LRU) for the others
+    last = finished[-1]
+    turn2 = ps[int(last[1:])] + out[last] + prompts(3, 1, 10, 10)[0]
     engine.add_request("t2", turn2, greedy(16))
     toks, cached = [], 0
     while engine.has_unfinished():

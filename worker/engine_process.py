@@ -1,0 +1,196 @@
+"""The engine loop in a process of its own (`--engine-process`; on by default on a GPU).
+
+In one process the engine thread and the HTTP event loop share the GIL. On an H100 the engine's host work
+(scheduling, inputs, sampling, detokenizing) is most of a step, so the two take turns: at 64 streaming
+users the HTTP path gave 43-50% of the tokens/s that the same conversations got through the engine alone.
+
+Here a child process loads the model and runs the engine loop (an `AsyncEngine` thread whose deliveries go
+down a pipe), and the worker's process keeps HTTP, chat templates and tokenization. Two one-way pipes:
+commands to the child (add, abort, embed, stop), and from it one message per engine step carrying every
+sequence's delta and the load report. The child is spawned (CUDA is never touched in the parent); it ends
+with the worker (a daemon), and on its own when the worker dies (its command pipe closes). Tensor-parallel
+workers keep the engine in-process: a daemon may not spawn the other ranks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import logging
+import multiprocessing
+import threading
+from typing import Any
+
+from chatserve.settings import WorkerSettings
+from worker.async_engine import AsyncEngine, EngineClient, EngineDeadError, _settle
+from worker.engine.engine import LLMEngine, SeqOutput
+from worker.loader import LoadedModel, ModelLoadError
+
+log = logging.getLogger("chatserve.worker.engine")
+
+
+class _PipeEngine(AsyncEngine):
+    """The child's side: the usual engine thread, its deliveries sent to the parent instead."""
+
+    def __init__(self, engine: LLMEngine, out: Any):
+        super().__init__(engine)
+        self._out = out
+        self._send_lock = threading.Lock()  # the engine thread and the command reader both send
+        self._last_load: dict[str, float | int] = {}
+
+    def send(self, msg: tuple) -> None:
+        with self._send_lock:
+            self._out.send(msg)
+
+    def _deliver(self, request_id: str, item: Any) -> None:  # a refused request (ValueError)
+        self.send(("error", request_id, str(item)))
+
+    def _deliver_many(self, outputs: list[SeqOutput]) -> None:
+        self.send(("out", outputs, self.engine.load()))
+
+    def _embedded(self, future: Any, result: Any) -> None:  # future: the parent's token
+        self.send(("embedded", future, result if not isinstance(result, BaseException) else repr(result)))
+
+    def _report_load(self) -> None:
+        load = self.engine.load()
+        if load != self._last_load:
+            self._last_load = load
+            self.send(("load", load))
+
+    def _fail_all(self, reason: str) -> None:
+        self.dead = reason
+        self.send(("dead", reason))
+
+
+def _child_main(settings: WorkerSettings, commands: Any, out: Any) -> None:
+    from chatserve.http import setup_logging
+    from worker.app import build_engine, warm_up
+
+    setup_logging(settings.log_level)
+    try:
+        loaded, engine = build_engine(settings)
+        warm_up(engine)
+    except (ModelLoadError, ValueError, OSError) as exc:
+        out.send(("failed", "load", str(exc)))
+        return
+    except Exception as exc:  # noqa: BLE001 - the parent reports it on /health
+        log.exception("engine start-up failed")
+        out.send(("failed", "internal", f"{type(exc).__name__}: {exc}"))
+        return
+    meta = LoadedModel(model=None, tokenizer=loaded.tokenizer, name=loaded.name, path=loaded.path,
+                       context_length=loaded.context_length)
+    core = _PipeEngine(engine, out)
+    gc.collect()
+    gc.freeze()  # the model's objects: out of the collector's walks while serving
+    core.send(("ready", meta, engine.load()))
+    core.start()
+    while True:
+        try:
+            cmd, arg = commands.recv()
+        except (EOFError, OSError):  # the parent is gone
+            break
+        if cmd == "stop":
+            break
+        core._command(cmd, arg)
+    core.stop()
+
+
+class ProcessEngine(EngineClient):
+    """The parent's side: the handlers' interface of `AsyncEngine`, the engine in a child process."""
+
+    def __init__(self, proc: Any, commands: Any, out: Any, loaded: LoadedModel, load: dict[str, float | int]):
+        super().__init__(load)
+        self.loaded = loaded
+        self._proc, self._commands, self._out = proc, commands, out
+        self._send_lock = threading.Lock()
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count()
+        self._reader = threading.Thread(target=self._read, name="engine-pipe", daemon=True)
+
+    @classmethod
+    def launch(cls, settings: WorkerSettings) -> ProcessEngine:
+        """Spawn the child and wait until its model is loaded and warmed up (ModelLoadError if it is not)."""
+        ctx = multiprocessing.get_context("spawn")
+        cmd_recv, cmd_send = ctx.Pipe(duplex=False)
+        out_recv, out_send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child_main, args=(settings, cmd_recv, out_send), name="chatserve-engine",
+                           daemon=True)
+        proc.start()
+        cmd_recv.close()
+        out_send.close()  # only the child writes: EOF here once it exits
+        try:
+            msg = out_recv.recv()
+        except EOFError:
+            proc.join(timeout=10)
+            raise ModelLoadError(f"the engine process exited during start-up (exit code {proc.exitcode})") from None
+        if msg[0] == "failed":
+            proc.join(timeout=10)
+            if msg[1] == "load":
+                raise ModelLoadError(msg[2])
+            raise RuntimeError(msg[2])
+        _, loaded, load = msg
+        return cls(proc, cmd_send, out_recv, loaded, load)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def stop(self) -> None:
+        try:
+            self._send(("stop", None))
+        except (OSError, ValueError):
+            pass
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=5)
+
+    def _send(self, msg: tuple) -> None:
+        with self._send_lock:
+            self._commands.send(msg)
+
+    def _command(self, cmd: str, arg: Any) -> None:
+        if cmd == "embed":
+            inputs, future = arg
+            token = next(self._ids)
+            self._futures[token] = future
+            arg = (inputs, token)
+        try:
+            self._send((cmd, arg))
+        except (OSError, ValueError):  # the child is gone: the reader has said so or is about to
+            if cmd == "add":
+                self._deliver(arg[0], EngineDeadError(self.dead or "the engine process is gone"))
+            elif cmd == "embed":
+                future = self._futures.pop(arg[1])
+                future.get_loop().call_soon_threadsafe(_settle, future, EngineDeadError("the engine process is gone"))
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._out.recv()
+            except (EOFError, OSError):
+                code = self._proc.exitcode
+                self._fail_all(self.dead or f"the engine process exited (exit code {code})")
+                for future in self._futures.values():
+                    future.get_loop().call_soon_threadsafe(_settle, future, EngineDeadError(self.dead or ""))
+                self._futures.clear()
+                return
+            kind = msg[0]
+            if kind == "out":
+                self._deliver_many(msg[1])
+                self.load = msg[2]
+            elif kind == "load":
+                self.load = msg[1]
+            elif kind == "error":
+                self._deliver(msg[1], ValueError(msg[2]))
+            elif kind == "embedded":
+                future = self._futures.pop(msg[1], None)
+                if future is not None:
+                    result = msg[2] if not isinstance(msg[2], str) else RuntimeError(msg[2])
+                    future.get_loop().call_soon_threadsafe(_settle, future, result)
+            elif kind == "dead":
+                self._fail_all(msg[1])
