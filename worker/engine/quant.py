@@ -121,8 +121,9 @@ def _int8_kernel():  # built lazily: CPU-only hosts never import triton
                for bn, bk, nw, ns in [(32, 256, 4, 4), (32, 512, 4, 3), (64, 128, 4, 4), (64, 256, 4, 4),
                                       (64, 512, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (16, 512, 4, 4)]]
 
-    @triton.autotune(configs=configs, key=["M", "N", "K"])
-    @triton.jit
+    # tuned once per row bucket (BLOCK_M), not per row count: a new prompt length must not autotune mid-serving
+    @triton.autotune(configs=configs, key=["BLOCK_M", "N", "K"])
+    @triton.jit(do_not_specialize=["M"])
     def int8_weight_kernel(a_ptr, b_ptr, s_ptr, c_ptr, M, N, K, s_am, s_ak, s_bn, s_bk, s_cm, s_cn,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # one program per BLOCK_N output columns, all M rows: each int8 weight is read once

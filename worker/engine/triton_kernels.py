@@ -54,7 +54,9 @@ def _decode_kernels():  # built lazily: nothing happens at import time, and CPU-
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # the table width changes from step to step: left unspecialized, or every new width's divisibility by 16
+    # (or width 1) compiles another variant mid-serving, a ~1 s stall of every stream
+    @triton.jit(do_not_specialize=["stride_bt"])
     def paged_decode_kernel(
         out_ptr, part_o_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, scale,
         stride_qb, stride_qh, stride_ob, stride_oh, stride_ks, stride_kh, stride_bt,
