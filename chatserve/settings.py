@@ -124,7 +124,7 @@ class WorkerSettings(BaseSettings):
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks across requests"})
     cuda_graphs: bool = field(default=True, metadata={"help": "capture CUDA graphs for decode"})
     engine_process: str = field(default="auto", metadata={"help": "run the engine loop in a process of its own, "
-                                                          "apart from HTTP: auto (on a GPU), on or off"})
+                                                          "apart from HTTP: auto (on with a GPU), on or off"})
     heartbeat_interval: float = field(default=3.0, metadata={"help": "seconds between heartbeats"})
     max_queue_length: int = field(default=512, metadata={"help": "requests queued before 429"})
     keepalive_interval: float = field(default=1.0, metadata={"help": "seconds between keepalives on a quiet stream"})

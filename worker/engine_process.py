@@ -1,15 +1,17 @@
-"""The engine loop in a process of its own (`--engine-process`; on by default on a GPU).
+"""The engine loop in a process of its own (`--engine-process`: on by default with a GPU).
 
-In one process the engine thread and the HTTP event loop share the GIL. On an H100 the engine's host work
-(scheduling, inputs, sampling, detokenizing) is most of a step, so the two take turns: at 64 streaming
-users the HTTP path gave 43-50% of the tokens/s that the same conversations got through the engine alone.
+In one process the engine thread and the HTTP event loop share the GIL, and a fault that kills the engine
+(a CUDA error, the OOM killer) takes the HTTP server with it. Here a child process loads the model and runs
+the engine loop (an `AsyncEngine` thread whose deliveries go down a pipe), and the worker's process keeps
+HTTP, chat templates and tokenization. Two one-way pipes: commands to the child (add, abort, embed, stop),
+and from it one message per engine step carrying every sequence's delta and the load report.
 
-Here a child process loads the model and runs the engine loop (an `AsyncEngine` thread whose deliveries go
-down a pipe), and the worker's process keeps HTTP, chat templates and tokenization. Two one-way pipes:
-commands to the child (add, abort, embed, stop), and from it one message per engine step carrying every
-sequence's delta and the load report. The child is spawned (CUDA is never touched in the parent); it ends
-with the worker (a daemon), and on its own when the worker dies (its command pipe closes). Tensor-parallel
-workers keep the engine in-process: a daemon may not spawn the other ranks.
+Measured on an H100 at 64 streaming users (benchmarks/serve_multiturn.py): no throughput gain over the
+engine thread (HTTP at 43% of in-process tokens/s either way, both runs before the Triton recompile fix).
+What it buys is a worker that outlives its engine and says so on /health. CPU workers keep the thread by
+default (their forward pass leaves the GIL for most of a step). The child is spawned (CUDA is never touched in the
+parent); it ends with the worker (a daemon), and on its own when the worker dies (its command pipe closes).
+Tensor-parallel workers keep the engine in-process: a daemon may not spawn the other ranks.
 """
 
 from __future__ import annotations

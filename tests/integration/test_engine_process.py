@@ -1,4 +1,4 @@
-"""A worker whose engine runs in a process of its own (`--engine-process on`, the GPU default), on the CPU:
+"""A worker whose engine runs in a process of its own (`--engine-process on`; the default with a GPU), on the CPU:
 the same answers as the in-process engine, streaming, embeddings, aborts, and an engine process that dies
 taken as a failed worker, never a hang."""
 
