@@ -215,7 +215,6 @@ class ModelRunner:
         return self.model.logits(hidden[self._to_device(int_tensor(rows))]), seqs
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def embed(self, inputs: list[list[int]], max_batch_tokens: int = 8192) -> list[torch.Tensor]:
         """Mean-pooled, L2-normalised final hidden states (fp32, on the CPU), one per input, in order.
         Inputs are sorted by length and run in padded batches of at most `max_batch_tokens`."""
