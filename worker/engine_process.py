@@ -38,12 +38,10 @@ class _PipeEngine(AsyncEngine):
     def __init__(self, engine: LLMEngine, out: Any):
         super().__init__(engine)
         self._out = out
-        self._send_lock = threading.Lock()  # the engine thread and the command reader both send
         self._last_load: dict[str, float | int] = {}
 
-    def send(self, msg: tuple) -> None:
-        with self._send_lock:
-            self._out.send(msg)
+    def send(self, msg: tuple) -> None:  # from the engine thread only (and "ready" before it starts)
+        self._out.send(msg)
 
     def _deliver(self, request_id: str, item: Any) -> None:  # a refused request (ValueError)
         self.send(("error", request_id, str(item)))
@@ -105,7 +103,6 @@ class ProcessEngine(EngineClient):
         super().__init__(load)
         self.loaded = loaded
         self._proc, self._commands, self._out = proc, commands, out
-        self._send_lock = threading.Lock()
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
         self._reader = threading.Thread(target=self._read, name="engine-pipe", daemon=True)
@@ -151,9 +148,8 @@ class ProcessEngine(EngineClient):
             self._proc.kill()
             self._proc.join(timeout=5)
 
-    def _send(self, msg: tuple) -> None:
-        with self._send_lock:
-            self._commands.send(msg)
+    def _send(self, msg: tuple) -> None:  # from the event loop's thread only
+        self._commands.send(msg)
 
     def _command(self, cmd: str, arg: Any) -> None:
         if cmd == "embed":

@@ -35,6 +35,17 @@ def proc_platform(request) -> Iterator[dict[str, procs.Service]]:
         s.stop()
 
 
+def test_engine_process_setting_is_checked():
+    from chatserve.settings import WorkerSettings
+    from worker.app import use_engine_process
+    from worker.loader import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="auto, on or off"):
+        use_engine_process(WorkerSettings(engine_process="maybe"))
+    assert use_engine_process(WorkerSettings(engine_process="auto", device="cpu")) is False
+    assert use_engine_process(WorkerSettings(engine_process="on", tensor_parallel=2)) is False  # rank 0 spawns
+
+
 def client(g: procs.Service) -> openai.OpenAI:
     return openai.OpenAI(base_url=g.url + "/v1", api_key="none", max_retries=0)
 
