@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 
 from chatserve.gateway.limits import KeyPolicy, KeyRing, parse_key_file
 from chatserve.gateway.metrics import GatewayMetrics
@@ -48,6 +49,35 @@ log = logging.getLogger("chatserve.gateway")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_EMBEDDING_INPUTS = 2048
+class BodyLimitAndCount:
+    """Refuses a body over the limit (by its Content-Length) and counts requests by route and status, as a
+    plain ASGI middleware: Starlette's BaseHTTPMiddleware (what `@app.middleware` builds) passes every chunk
+    of a streamed response through a memory stream and a task of its own."""
+
+    def __init__(self, app: Any, limit: int, metrics: GatewayMetrics):
+        self.app, self.limit, self.metrics = app, limit, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            response = error_response(RequestTooLargeError(
+                f"request body of {length} bytes exceeds the limit of {self.limit} bytes"))
+            self.metrics.requests.labels(route, str(response.status_code)).inc()
+            await response(scope, receive, send)
+            return
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize",
                 "/detokenize", "/health", "/metrics", "/status"}
 
@@ -109,17 +139,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             raise SystemExit(f"chatserve gateway: cannot use the API key file: {exc}") from None
     ring = KeyRing(keys, KeyPolicy(settings.rate_limit_rpm, settings.rate_limit_tpm))
 
-    @app.middleware("http")
-    async def body_limit_and_count(request: Request, call_next):  # type: ignore[no-untyped-def]
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            response = error_response(RequestTooLargeError(
-                f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes} bytes"))
-        else:
-            response = await call_next(request)
-        route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        return response
+    app.add_middleware(BodyLimitAndCount, limit=settings.max_body_bytes, metrics=metrics)
 
     def auth(request: Request) -> str:
         """The caller's identity for limits: its API key, or its address when no keys are set."""
