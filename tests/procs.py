@@ -122,6 +122,24 @@ def extra_gateway(platform, request, *args: str):  # type: ignore[no-untyped-def
     g.stop()
 
 
+def own_stack(request, *worker_args: str):  # type: ignore[no-untyped-def]
+    """A controller, a worker (own flags) and a gateway of a module's own, for a module fixture to
+    `yield from` (a dict of the three); their logs go into failure reports."""
+    c = controller().start()
+    c.wait()
+    w = worker(c.url, *worker_args).start()
+    g = gateway(c.url).start()
+    services = {"controller": c, "worker": w, "gateway": g}
+    request.node.services = list(services.values())
+    try:
+        w.wait(ok=worker_registered, timeout=300)
+        g.wait(ok=gateway_has_models)
+        yield services
+    finally:
+        for s in (g, w, c):
+            s.stop()
+
+
 def extra_worker(platform, request, model_name: str, *args: str):  # type: ignore[no-untyped-def]
     """Another fp32 worker of the embedded model, serving it as `model_name` behind the session platform,
     for a module fixture to `yield from`; stopped even when its start-up fails."""

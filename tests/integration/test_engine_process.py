@@ -22,17 +22,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def proc_platform(request) -> Iterator[dict[str, procs.Service]]:
-    c = procs.controller().start()
-    c.wait()
-    w = procs.worker(c.url, "--engine-process", "on", "--dtype", "float32").start()
-    g = procs.gateway(c.url).start()
-    services = {"controller": c, "worker": w, "gateway": g}
-    request.node.services = list(services.values())
-    w.wait(ok=procs.worker_registered, timeout=300)
-    g.wait(ok=procs.gateway_has_models)
-    yield services
-    for s in (g, w, c):
-        s.stop()
+    yield from procs.own_stack(request, "--engine-process", "on", "--dtype", "float32")
 
 
 def test_engine_process_setting_is_checked():
