@@ -171,11 +171,11 @@ class ProcessEngine(EngineClient):
             try:
                 msg = self._out.recv()
             except (EOFError, OSError):
-                code = self._proc.exitcode
-                self._fail_all(self.dead or f"the engine process exited (exit code {code})")
-                for future in self._futures.values():
+                self._proc.join(timeout=2)  # reaped, so its exit code is known
+                self._fail_all(self.dead or f"the engine process exited (exit code {self._proc.exitcode})")
+                futures, self._futures = self._futures, {}
+                for future in futures.values():
                     future.get_loop().call_soon_threadsafe(_settle, future, EngineDeadError(self.dead or ""))
-                self._futures.clear()
                 return
             kind = msg[0]
             if kind == "out":

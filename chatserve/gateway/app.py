@@ -49,6 +49,11 @@ log = logging.getLogger("chatserve.gateway")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_EMBEDDING_INPUTS = 2048
+
+KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize",
+                "/detokenize", "/health", "/metrics", "/status"}
+
+
 class BodyLimitAndCount:
     """Refuses a body over the limit (by its Content-Length) and counts requests by route and status, as a
     plain ASGI middleware: Starlette's BaseHTTPMiddleware (what `@app.middleware` builds) passes every chunk
@@ -76,10 +81,6 @@ class BodyLimitAndCount:
             await send(message)
 
         await self.app(scope, receive, counted)
-
-
-KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize",
-                "/detokenize", "/health", "/metrics", "/status"}
 
 
 async def respond(service: ChatService | CompletionService, body: Any, charge: Callable[[int], None]) -> Any:
