@@ -4,7 +4,8 @@
 # pydantic and their wheels, and .whl/tok, a tokenizer folder) as the device README says.
 #
 #   benchmarks/device_runs.sh engine   # 512-request workload and batch-1 decode, bf16 and fp8 KV cache in one run
-#   benchmarks/device_runs.sh kernels  # decode attention: one pass vs split context, small batches, bf16 / fp8
+#   benchmarks/device_runs.sh kernels  # decode attention: tile sweeps at large batches (kernels timed in CUDA graphs),
+#                                      # one pass vs split context at small batches, bf16 / fp8, and step profiles
 #   benchmarks/device_runs.sh serve    # 1 and 64 users over HTTP, then the same conversations in-process
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ case "${1:-}" in
 engine)
     python3 benchmarks/engine_offline.py --kv-cache-dtype fp8 --baselines batch1 > "$OUT/engine_offline.txt" ;;
 kernels)
-    python3 benchmarks/profile_step.py --splits > "$OUT/decode_splits.jsonl" ;;
+    python3 benchmarks/profile_step.py --sweep --splits > "$OUT/decode_kernels.txt" ;;
 serve)
     python3 benchmarks/make_random_checkpoint.py --shape 7b --tokenizer .whl/tok --out /tmp/m7b
     python3 benchmarks/serve_multiturn.py --users 1,64 --turns 3 --tokens 128 --offline \
