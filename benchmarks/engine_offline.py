@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatserve.protocol.sampling import SamplingParams  # noqa: E402
+from worker.engine import triton_kernels  # noqa: E402  (imports no triton until a kernel is built)
 from worker.engine.engine import LLMEngine  # noqa: E402
 from worker.engine.model import LlamaConfig, LlamaModel  # noqa: E402
 from worker.engine.model_runner import CacheConfig, ModelRunner  # noqa: E402
@@ -156,8 +157,6 @@ def main() -> None:
                     "cache (e.g. a sweep's best from benchmarks/profile_step.py --sweep; default: the engine's)")
     a = ap.parse_args()
     if a.fp8_decode_config:
-        from worker.engine import triton_kernels
-
         tile, warps, stages = (int(x) for x in a.fp8_decode_config.split(","))
         triton_kernels.FP8_DECODE_CONFIG.update(tile=tile, num_warps=warps, num_stages=stages)
     dtype = torch.bfloat16
@@ -165,8 +164,6 @@ def main() -> None:
                     "torch": torch.__version__, "requests": a.requests, "prompt_range": [a.min_prompt, a.max_prompt],
                     "output_tokens_each": a.output}
     if a.kv_cache_dtype == "fp8":
-        from worker.engine import triton_kernels
-
         result["fp8_decode_config"] = dict(triton_kernels.FP8_DECODE_CONFIG)
     hf = hf_model(a.shape, dtype, a.device)
     prompts = workload(a.requests, a.min_prompt, a.max_prompt, hf.config.vocab_size)

@@ -253,5 +253,8 @@ class AsyncEngine(EngineClient):
                     self.engine.abort(rid)
                 self._fail_all(f"engine failure: {type(exc).__name__}")
                 return
-            self._deliver_many(outputs)
-            self.load = self.engine.load()
+            self._after_step(outputs)
+
+    def _after_step(self, outputs: list[SeqOutput]) -> None:
+        self._deliver_many(outputs)
+        self.load = self.engine.load()

@@ -46,7 +46,7 @@ class _PipeEngine(AsyncEngine):
     def _deliver(self, request_id: str, item: Any) -> None:  # a refused request (ValueError)
         self.send(("error", request_id, str(item)))
 
-    def _deliver_many(self, outputs: list[SeqOutput]) -> None:
+    def _after_step(self, outputs: list[SeqOutput]) -> None:  # one message a step: the deltas and the load
         self.send(("out", outputs, self.engine.load()))
 
     def _embedded(self, future: Any, result: Any) -> None:  # future: the parent's token
@@ -175,7 +175,7 @@ class ProcessEngine(EngineClient):
                 self._fail_all(self.dead or f"the engine process exited (exit code {self._proc.exitcode})")
                 futures, self._futures = self._futures, {}
                 for future in futures.values():
-                    future.get_loop().call_soon_threadsafe(_settle, future, EngineDeadError(self.dead or ""))
+                    future.get_loop().call_soon_threadsafe(_settle, future, EngineDeadError(self.dead))
                 return
             kind = msg[0]
             if kind == "out":
