@@ -8,6 +8,7 @@ TTFT and inter-token latency p50/p99. Starts its own controller, worker and gate
     python benchmarks/serve_multiturn.py --users 1,8 --turns 3 --tokens 64
     python benchmarks/serve_multiturn.py --users 1,8 --turns 5 --tokens 32 --system-tokens 500 --rounds 5
                                                                               # prefix-cache check
+    python benchmarks/serve_multiturn.py --users 64 --profile prof/   # + py-spy of every process per run
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -166,6 +171,30 @@ def run_offline(engine, loaded, renderer, users: int, turns: int, tokens: int, s
     return summarize(results, users, rounds, turns, tokens, wall)
 
 
+def profiled(pids: dict[str, int], out_dir: str, tag: str) -> list[subprocess.Popen]:
+    """py-spy (sampling, non-blocking) on each named process until `stop_profiles`; raw folded stacks land in
+    out_dir/<name>_<tag>.txt. Nothing happens without py-spy on PATH."""
+    spy = shutil.which("py-spy")
+    if not spy:
+        print("--profile: py-spy not found on PATH", file=sys.stderr)
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    return [subprocess.Popen([spy, "record", "--nonblocking", "-r", "200", "-f", "raw", "-p", str(pid),
+                              "-o", os.path.join(out_dir, f"{name}_{tag}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(out_dir, f"{name}_{tag}.log"), "w"))
+            for name, pid in pids.items() if pid]
+
+
+def stop_profiles(spies: list[subprocess.Popen]) -> None:
+    for p in spies:
+        p.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    for p in spies:
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def start_stack(extra_worker_args: list[str]):
     from tests import procs
 
@@ -190,6 +219,8 @@ def main() -> None:
                     "samples per turn for the percentiles)")
     ap.add_argument("--worker-args", default="", help="extra worker flags when the script starts the stack")
     ap.add_argument("--show-logs", action="store_true", help="print the services' warnings at the end")
+    ap.add_argument("--profile", default="", help="a folder: py-spy records gateway, worker, engine process and "
+                    "this client during each run (needs py-spy on PATH and the stack started here)")
     ap.add_argument("--offline", action="store_true", help="then run the same conversations through the worker's "
                     "engine in this process (same --worker-args), after the stack has stopped: the HTTP runs' "
                     "baseline, measured in the same run")
@@ -205,8 +236,22 @@ def main() -> None:
         # serving host) but not its own first message
         asyncio.run(run_users(url, model, 1, 1, 8, system, first_uid=10_000))
         report = {"model": model, "api_url": url, "system_prompt_tokens_approx": a.system_tokens, "runs": []}
-        for u in [int(x) for x in a.users.split(",")]:
-            report["runs"].append(asyncio.run(run_users(url, model, u, a.turns, a.tokens, system, rounds=a.rounds)))
+        pids = {}
+        if a.profile and services:
+            g, w, c = services
+            engine_pid = httpx.get(w.url + "/status").json().get("engine_pid")
+            pids = {"gateway": g.proc.pid, "worker": w.proc.pid, "engine": engine_pid, "controller": c.proc.pid,
+                    "client": os.getpid()}
+        for i, u in enumerate(int(x) for x in a.users.split(",")):
+            spies = profiled(pids, a.profile, f"run{i}_{u}users") if pids else []
+            t_start = time.time()
+            try:
+                run = asyncio.run(run_users(url, model, u, a.turns, a.tokens, system, rounds=a.rounds))
+            finally:
+                stop_profiles(spies)
+            if pids:
+                run["unix_time"] = [round(t_start, 3), round(time.time(), 3)]
+            report["runs"].append(run)
     finally:
         for s in services:
             s.stop()

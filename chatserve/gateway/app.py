@@ -21,7 +21,7 @@ from starlette.datastructures import Headers
 from chatserve.gateway.limits import KeyPolicy, KeyRing, parse_key_file
 from chatserve.gateway.metrics import GatewayMetrics
 from chatserve.gateway.serving import ChatService, CompletionService
-from chatserve.gateway.upstream import Upstream, WorkerUnreachable
+from chatserve.gateway.upstream import STREAM_SHARDS, ClientShards, Upstream, WorkerUnreachable
 from chatserve.http import error_response, install_error_handlers, serve, setup_logging
 from chatserve.protocol.errors import (
     BadRequestError,
@@ -113,14 +113,18 @@ def streaming(model: type) -> dict[int | str, dict[str, Any]]:
 def build_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-        async with httpx.AsyncClient(limits=limits) as client:
-            upstream = Upstream(client, settings.controller_url.rstrip("/"), settings.internal_secret,
-                                settings.worker_cache_ttl, settings.worker_stall_timeout)
-            app.state.upstream = upstream
-            app.state.chat = ChatService(upstream, settings.max_tokens_cap, metrics)
-            app.state.completions = CompletionService(upstream, settings.max_tokens_cap, metrics)
-            yield
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        workers = ClientShards(STREAM_SHARDS)
+        try:
+            async with httpx.AsyncClient(limits=limits) as client:
+                upstream = Upstream(client, settings.controller_url.rstrip("/"), settings.internal_secret,
+                                    settings.worker_cache_ttl, settings.worker_stall_timeout, workers)
+                app.state.upstream = upstream
+                app.state.chat = ChatService(upstream, settings.max_tokens_cap, metrics)
+                app.state.completions = CompletionService(upstream, settings.max_tokens_cap, metrics)
+                yield
+        finally:
+            await workers.aclose()
 
     metrics = GatewayMetrics()
     errors = {status: {"model": ErrorResponse, "description": "An error in the OpenAI envelope"}

@@ -28,7 +28,7 @@ class AttentionMetadata:
     num_decode: int  # the first num_decode tokens are single-token decode sequences
     # decode part
     decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] int32
-    decode_context_lens: torch.Tensor | None  # [num_decode] int32
+    decode_context_lens: torch.Tensor | None  # [num_decode] int64 (int32 works, but compiles another kernel variant)
     # prefill part, one entry per sequence (python ints: these run per sequence)
     prefill_query_lens: list[int]
     prefill_context_lens: list[int]  # tokens of context including this chunk

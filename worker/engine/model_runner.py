@@ -160,7 +160,9 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)
         if decode:
             tables = padded_tables([it.seq.block_table for it in decode])
-            lens = int_tensor([it.seq.num_computed_tokens + 1 for it in decode], torch.int32)
+            # int64, as the graphs' static buffer: an int32 pointer is another Triton signature, compiled
+            # mid-serving (a 0.5-1 s stall of every stream) for each split count the first time it is seen
+            lens = int_tensor([it.seq.num_computed_tokens + 1 for it in decode])
             dec_tables, dec_lens = self._to_device(tables), self._to_device(lens)
         else:
             dec_tables = dec_lens = None

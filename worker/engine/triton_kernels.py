@@ -276,3 +276,48 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _norm_kernels()[1][(t, (inter + block - 1) // block)](gate_up, out, inter, gate_up.stride(0), out.stride(0),
                                                           BLOCK=block, num_warps=4)
     return out
+
+
+# batch-1 decode's matmuls, one weight row block per program. Best of benchmarks/gemv.py on H100 per
+# (N, K) class; see gemv() for when it is used.
+GEMV_CONFIG = {"block_n": 8, "block_k": 512, "num_warps": 4, "num_stages": 1}
+
+
+@functools.lru_cache(maxsize=1)
+def _gemv_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_w,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        cols = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + cols
+            if EVEN_K:
+                x = tl.load(x_ptr + kk)
+                w = tl.load(w_rows + kk[None, :], mask=row_ok[:, None], other=0.0)
+            else:
+                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+                w = tl.load(w_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+
+    return gemv_kernel
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T -> [1, N] (fp32 accumulation): a memory-bound matrix-vector product that
+    streams the weight once, every program reading whole contiguous rows."""
+    n, k = weight.shape
+    c = config or GEMV_CONFIG
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    bn, bk = c["block_n"], c["block_k"]
+    _gemv_kernel()[((n + bn - 1) // bn,)](x, weight, out, n, k, weight.stride(0), BLOCK_N=bn, BLOCK_K=bk,
+                                          EVEN_K=k % bk == 0, num_warps=c["num_warps"],
+                                          num_stages=c["num_stages"])
+    return out
