@@ -68,8 +68,9 @@ def main() -> None:
 
         from worker.engine.attention import AttentionMetadata
 
-        meta = AttentionMetadata(runner.g_slots[:1], 1, runner.g_tables[:1], runner.g_lens[:1], [], [], 16)
-        step = lambda: model.logits(model.hidden(runner.g_ids[:1], runner.g_pos[:1], runner.kv_caches, meta))  # noqa: E731
+        ids, pos, slots, lens = runner.g_packed[:4].view(4, 1).unbind(0)  # batch size 1's static inputs
+        meta = AttentionMetadata(slots, 1, runner.g_tables[:1], lens, [], [], 16)
+        step = lambda: model.logits(model.hidden(ids, pos, runner.kv_caches, meta))  # noqa: E731
         with torch.inference_mode():
             for _ in range(3):
                 step()

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatserve.protocol.sampling import SamplingParams  # noqa: E402
 from worker.engine import triton_kernels  # noqa: E402  (imports no triton until a kernel is built)
 from worker.engine.engine import LLMEngine  # noqa: E402
-from worker.engine.model import LlamaConfig, LlamaModel  # noqa: E402
+from worker.engine.model import LlamaConfig, LlamaModel, Linear  # noqa: E402
 from worker.engine.model_runner import CacheConfig, ModelRunner  # noqa: E402
 
 SHAPES = {
@@ -115,6 +115,23 @@ def engine_batch1(engine: LLMEngine, vocab: int, prompt_len: int, new: int) -> f
     return (new - 1) / (time.perf_counter() - t0)
 
 
+def batch1_ablations(model: LlamaModel, vocab: int, cpu_cache_tokens: int) -> dict[str, float]:
+    """Batch-1 decode tok/s with the GEMV or cuBLAS for the one-row matmuls, running ahead or reading each
+    step back before the next (one-sequence engines: only the batch-1 graph is captured)."""
+    out = {}
+    for gemv in (True, False):
+        Linear.use_gemv = gemv
+        engine = build_engine(model, 1, 2048, True, cpu_cache_tokens, "auto")
+        for ahead in (True, False):
+            engine.overlap = ahead
+            name = f"{'gemv' if gemv else 'cublas'}_{'run_ahead' if ahead else 'read_back_each_step'}"
+            out[name] = round(engine_batch1(engine, vocab, 128, 128), 1)
+        del engine
+        gc.collect()
+    Linear.use_gemv = True
+    return out
+
+
 def engine_offline(engine: LLMEngine, prompts: list[list[int]], new: int) -> dict:
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     t0 = time.perf_counter()
@@ -150,6 +167,8 @@ def main() -> None:
     ap.add_argument("--baselines", default="batch1,continuous", help="comma list: batch1, continuous, none")
     ap.add_argument("--baseline-requests", type=int, default=0, help="requests for the HF continuous baseline (0 = all)")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--batch1-ablations", action="store_true", help="batch-1 decode also with cuBLAS instead of the "
+                    "GEMV and without running ahead (each step read back before the next), in the same run")
     ap.add_argument("--cpu-cache-tokens", type=int, default=65536)
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16) or fp8; with fp8 the bf16 figures are "
                     "measured too, in the same run, as the baseline")
@@ -190,6 +209,9 @@ def main() -> None:
         torch.cuda.empty_cache()
         result["gpu_allocated_gib_before_engine"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     print(json.dumps(result), flush=True)  # baselines survive a later failure
+    if a.batch1_ablations:
+        result["batch1_ablations"] = batch1_ablations(model, cfg.vocab_size, a.cpu_cache_tokens)
+        print(json.dumps(result), flush=True)
     kv_dtypes = ["auto", "fp8"] if a.kv_cache_dtype == "fp8" else ["auto"]
     for kv in kv_dtypes:
         engine = build_engine(model, a.max_num_seqs, a.budget, not a.no_graphs, a.cpu_cache_tokens, kv)

@@ -33,8 +33,9 @@ def test_mixed_lengths_arriving_at_different_steps_match(hf_model, overlap):
             assert out[rid] == hf_greedy(hf_model, p, n), rid
 
 
-def test_prefix_cache_hits_match_and_are_counted(hf_model):
-    engine = engine_for(hf_model)
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "pipelined-gpu-mode"])
+def test_prefix_cache_hits_match_and_are_counted(hf_model, overlap):
+    engine = engine_for(hf_model, overlap=overlap)
     history = prompts(3, 1, 40, 40)[0]
     first = run(engine, {0: [("t1", history, 10)]})["t1"]
     turn2 = history + first + prompts(4, 1, 7, 7)[0]
@@ -62,9 +63,10 @@ def test_a_cached_prompt_with_one_token_left_sampled_beside_other_prefills(hf_mo
     assert out["again"] == hf_greedy(hf_model, p, 8)
 
 
-def test_preempted_and_resumed_requests_match(hf_model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "pipelined-gpu-mode"])
+def test_preempted_and_resumed_requests_match(hf_model, overlap):
     ps = prompts(5, 5, 10, 30)
-    engine = engine_for(hf_model, num_blocks=24, block_size=4)  # 96 slots: not enough for all at once
+    engine = engine_for(hf_model, num_blocks=24, block_size=4, overlap=overlap)  # 96 slots: not all at once
     engine.scheduler.growth_cap = 0  # admit on prompt blocks alone, so running sequences get preempted
     out = run(engine, {0: [(f"r{i}", p, 24) for i, p in enumerate(ps)]})
     assert engine.scheduler.num_preemptions > 0
@@ -80,9 +82,11 @@ def test_multi_query_attention_and_tied_embeddings_match():
     assert out["a"] == hf_greedy(hf, p, 16)
 
 
-def test_abort_frees_blocks_at_once(hf_model):
-    engine = engine_for(hf_model, num_blocks=64)
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "pipelined-gpu-mode"])
+def test_abort_frees_blocks_at_once(hf_model, overlap):
+    engine = engine_for(hf_model, num_blocks=64, overlap=overlap)
     engine.add_request("a", prompts(8, 1, 30, 30)[0], greedy(50))
+    engine.step()
     engine.step()
     assert engine.blocks.num_free < 64
     engine.abort("a")

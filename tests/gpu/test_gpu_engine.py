@@ -158,3 +158,24 @@ def test_gpu_fp8_kv_cache_doubles_capacity_and_graphs_equal_eager():
     # ones read fp8 keys and values, and a random model's near-tied logits may then part ways
     assert all(outs[("fp8", True)][k][0] == outs[("auto", True)][k][0] for k in outs[("auto", True)])
     assert capacity["fp8"] >= 1.9 * capacity["auto"]
+
+
+def test_gpu_gemv_equals_an_fp32_product_for_llama_7b_shapes():
+    from worker.engine import triton_kernels
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for n, k in ((12288, 4096), (4096, 11008), (32000, 4096), (1000, 576)):
+        w = (torch.randn((n, k), device="cuda", generator=g) / k**0.5).to(torch.bfloat16)
+        x = torch.randn((1, k), device="cuda", generator=g).to(torch.bfloat16)
+        ref = x.float() @ w.float().T
+        got = triton_kernels.gemv(x, w).float()
+        assert (got - ref).abs().max() < 2e-2 * ref.abs().max(), (n, k)  # bf16 rounding of the output
+
+
+def test_gpu_batch1_decode_runs_ahead_and_matches_transformers(hf_gpu):
+    """One sequence: CUDA graph of batch 1 (the GEMV), each step queued before the last is read back."""
+    engine = engine_for(hf_gpu, num_blocks=256, block_size=16, max_num_seqs=4)
+    assert engine.overlap and engine.runner.device_tokens
+    p = prompts(21, 1, 40, 40)[0]
+    out = run(engine, {0: [("one", p, 48)]})
+    assert out["one"] == hf_greedy(hf_gpu, p, 48)

@@ -104,6 +104,16 @@ def check_norm_and_silu() -> None:
     print("norm ok")
 
 
+def check_gemv() -> None:
+    """One-row products: rows not a multiple of the row block, K a multiple of the column tile and not."""
+    g = torch.Generator().manual_seed(4)
+    for n, k, block_k in ((37, 64, 32), (40, 100, 32), (5, 96, 128)):
+        w, x = torch.randn((n, k), generator=g), torch.randn((1, k), generator=g)
+        cfg = {"block_n": 2, "block_k": block_k, "num_warps": 4, "num_stages": 1}
+        assert (triton_kernels.gemv(x, w, cfg) - x @ w.T).abs().max() < 1e-4, (n, k)
+    print("gemv ok")
+
+
 if __name__ == "__main__":
     for name in sys.argv[1:]:
         globals()[f"check_{name}"]()

@@ -36,3 +36,7 @@ def test_rope_and_cache_write_bf16_and_fp8_cache():
 
 def test_fused_add_rmsnorm_and_silu_mul():
     assert "norm ok" in interpret("norm_and_silu")
+
+
+def test_gemv_for_one_row_products():
+    assert "gemv ok" in interpret("gemv")

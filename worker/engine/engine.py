@@ -19,8 +19,8 @@ from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.json_constraint import JsonConstraint, JsonGrammar
 from worker.engine.kv_cache import BlockManager
 from worker.engine.model_runner import ModelRunner
-from worker.engine.request import Sequence
-from worker.engine.sampler import SampleResult, sample_launch
+from worker.engine.request import PLACEHOLDER, Sequence
+from worker.engine.sampler import PendingSample, SampleResult, sample_launch
 from worker.engine.scheduler import Scheduler
 from worker.engine.stopping import StopChecker
 
@@ -47,6 +47,14 @@ class _Tracked:
     detok: IncrementalDetokenizer
     stop: StopChecker
     sent_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A step whose sampled tokens are still on the device: row i of `sample` belongs to seqs[i]."""
+
+    seqs: list[Sequence]
+    sample: PendingSample
 
 
 @dataclass
@@ -81,10 +89,10 @@ class LLMEngine:
         self.by_request: dict[str, list[Sequence]] = {}
         self.throughput = ThroughputMeter()
         self.last_step_decode_only = False
-        self.pending: list[tuple[Sequence, SampleResult, str | None]] = []
+        self.inflight: _InFlight | None = None
         self._json_grammar: JsonGrammar | None = None
-        # pipelined output processing (below) pays only where the device runs asynchronously: on a CPU
-        # the forward pass blocks, so a step's tokens go out at once instead of a step later
+        # running ahead (below) pays only where the device runs asynchronously: on a CPU the forward pass
+        # blocks, so a step's tokens are read back at its end
         self.overlap = runner.device.type == "cuda"
 
     # --- requests -----------------------------------------------------------------------------------
@@ -119,41 +127,73 @@ class LLMEngine:
         for seq in self.by_request.pop(request_id, []):
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
-            self.tracked.pop(seq.seq_id, None)
-        self.pending = [item for item in self.pending if item[0].request_id != request_id]
+            self.tracked.pop(seq.seq_id, None)  # a token of it still in flight is dropped when read back
+        if self.inflight is not None and all(s.is_finished for s in self.inflight.seqs):
+            self.inflight = None  # nothing left to read back
 
     def embed(self, inputs: list[list[int]]) -> list[torch.Tensor]:
         """Mean-pooled, normalised hidden states of whole inputs (no KV cache; runs between steps)."""
         return self.runner.embed(inputs)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self.pending)
+        return self.scheduler.has_work() or self.inflight is not None
 
     # --- stepping -----------------------------------------------------------------------------------
     #
-    # Output processing is pipelined: a step queues its forward pass and sampling on the device, then
-    # detokenizes and checks stop strings for the *previous* step's tokens while the device works, then
-    # waits for its own tokens. Cheap stop conditions (EOS, stop token ids, max_tokens, context) are
-    # applied at once, so no extra token is computed for them; a stop string found one step later drops
-    # the token computed meanwhile (its blocks are freed before anything can reuse them). Without
-    # `overlap` (CPU) the step ends by processing its own tokens.
+    # Running ahead: a step is queued on the device *before* the previous step's tokens are read back. A
+    # sampled token stays on the device (PLACEHOLDER in token_ids, the sequence's `pending_row`), the next
+    # step takes it from there as its input, and the host reads it back, checks stop conditions and
+    # detokenizes while the device already computes the next token: the device never waits for the host
+    # between steps. A sequence found finished then (EOS, a stop string) has had one more token computed,
+    # which is dropped; its blocks are freed at once (later steps are queued after that one). One that ends
+    # by length whatever its token is (`final_pending`) gets no step. Where sampling reads a sequence's
+    # tokens on the host (penalties, JSON mode) or the runner cannot take tokens from the device (tensor
+    # parallelism), the previous step is read back first. Without `overlap` (CPU) every step is read back
+    # at its end.
 
     @torch.inference_mode()
     def step(self) -> list[SeqOutput]:
+        outputs = self._read_back() if self.inflight is not None and not self._may_run_ahead() else []
         batch = self.scheduler.schedule()
         if not batch.items:
-            return self._drain_pending()
+            return outputs + self._read_back()
         self.last_step_decode_only = batch.is_decode_only
-        logits, seqs = self.runner.execute(batch)
+        prev = self.inflight.sample.tokens if self.inflight is not None else None
+        logits, seqs = self.runner.execute(batch, prev)
         queued = sample_launch(logits, seqs, self.eos_ids) if seqs else None
-        outputs = self._drain_pending()  # overlaps with the device work just queued
-        results = queued.results() if queued is not None else []
-        live = [(s, r) for s, r in zip(seqs, results) if not s.is_finished]
-        self.scheduler.update(batch, {s.seq_id: r.token_id for s, r in live})
-        self.throughput.add(len(live))
-        self.pending = [(s, r, self._finish_early(s, r.token_id)) for s, r in live]
+        outputs += self._read_back()  # the previous step's tokens, while the device runs this one
+        self.scheduler.update(batch, {s.seq_id: PLACEHOLDER for s in seqs if not s.is_finished})
+        live = 0
+        for row, seq in enumerate(seqs):
+            if seq.is_finished:  # ended by the step read back just now: this row's token is dropped
+                continue
+            live += 1
+            seq.pending_row = row
+            seq.final_pending = seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+        self.throughput.add(live)
+        if queued is not None:
+            self.inflight = _InFlight(seqs, queued)
         if not self.overlap:
-            outputs += self._drain_pending()
+            outputs += self._read_back()
+        return outputs
+
+    def _may_run_ahead(self) -> bool:
+        return self.overlap and self.runner.device_tokens and not any(s.reads_tokens for s in self.scheduler.running)
+
+    def _read_back(self) -> list[SeqOutput]:
+        """Wait for the step in flight; put its tokens in place, apply stop conditions, detokenize."""
+        inflight, self.inflight = self.inflight, None
+        if inflight is None:
+            return []
+        outputs = []
+        for row, (seq, res) in enumerate(zip(inflight.seqs, inflight.sample.results())):
+            if seq.pending_row != row:  # finished before this token was appended
+                continue
+            seq.pending_row = -1
+            seq.token_ids[-1] = res.token_id
+            if seq.is_finished or seq.seq_id not in self.tracked:  # aborted meanwhile
+                continue
+            outputs.append(self._advance(seq, res, self._finish_early(seq, res.token_id)))
         return outputs
 
     def _finish_early(self, seq: Sequence, token: int) -> str | None:
@@ -167,10 +207,6 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
         return reason
-
-    def _drain_pending(self) -> list[SeqOutput]:
-        items, self.pending = self.pending, []
-        return [self._advance(seq, res, reason) for seq, res, reason in items if seq.seq_id in self.tracked]
 
     def _advance(self, seq: Sequence, res: SampleResult, reason: str | None) -> SeqOutput:
         tr = self.tracked[seq.seq_id]

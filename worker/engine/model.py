@@ -136,12 +136,26 @@ def all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
     return x
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose one-row products (batch-1 decode) run the Triton GEMV on CUDA: cuBLAS streams
+    LLaMA-7B's weights at one row at 2.1-2.7 TB/s on H100, the GEMV at 2.5-3.1 (benchmarks/gemv.py)."""
+
+    use_gemv = True  # benchmarks turn it off for cuBLAS's figure (before CUDA graphs are captured)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.use_gemv and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and self.bias is None and x.stride(-1) == 1 \
+                and w.stride(-1) == 1 and triton_kernels.available():
+            return triton_kernels.gemv(x, w)
+        return super().forward(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.d, bias=False)
-        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.d, bias=False)
+        self.o_proj = Linear(self.h * self.d, cfg.hidden_size, bias=False)
         self.scale = self.d**-0.5
         self.tp_group: Any = None  # tensor parallel: this rank holds some heads; o_proj's partial sums add up
 
@@ -179,8 +193,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.tp_group: Any = None  # tensor parallel: this rank holds a slice of the intermediate size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +229,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

@@ -67,6 +67,8 @@ class CacheConfig:
 
 
 class ModelRunner:
+    device_tokens = True  # a step can take input tokens still on the device from the previous step's sampling
+
     def __init__(self, model: LlamaModel, cache: CacheConfig, max_num_seqs: int, max_model_len: int,
                  use_cuda_graphs: bool = True):
         self.model = model.eval().requires_grad_(False)
@@ -140,7 +142,8 @@ class ModelRunner:
 
     # --- input preparation --------------------------------------------------------------------------
 
-    def _prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def _prepare(self, batch: Batch, prev_tokens: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Decode items first, then prefill chunks. Returns ids, positions, metadata, sample row indices."""
         decode = [it for it in batch.items if is_decode(it)]
         prefill = [it for it in batch.items if not is_decode(it)]
@@ -153,7 +156,9 @@ class ModelRunner:
         for it in batch.items:
             seq, start = it.seq, it.seq.num_computed_tokens
             end = start + it.num_tokens
-            ids.extend(seq.token_ids[start:end])
+            ids.extend(seq.token_ids[start:end])  # PLACEHOLDER (-1) for a token on the device: replaced below
+            if seq.pending_row >= 0:
+                ids[-1] = 0
             pos.extend(range(start, end))
             slots.extend(slot_of(seq.block_table, p, bs) for p in range(start, end))
             if it.samples:
@@ -176,7 +181,24 @@ class ModelRunner:
             block_size=bs,
             ctx_batch=self._context_batch(prefill, len(decode)),
         )
-        return self._to_device(int_tensor(ids)), self._to_device(int_tensor(pos)), meta, sample_rows
+        ids_dev = self._to_device(int_tensor(ids))
+        self._take_device_tokens(ids_dev, decode, prev_tokens)  # decode items are the first rows
+        return ids_dev, self._to_device(int_tensor(pos)), meta, sample_rows
+
+    def _take_device_tokens(self, ids: torch.Tensor, items: list[ScheduledSeq], prev: torch.Tensor | None) -> None:
+        """Rows of `ids` (item i: row i) whose token is still on the device take it from `prev`, the
+        previous step's sampled tokens (engine.py, running ahead). The host put 0 there."""
+        moves = [(i, it.seq.pending_row) for i, it in enumerate(items) if it.seq.pending_row >= 0]
+        if not moves:
+            return
+        if prev is None:
+            raise RuntimeError("a step reads a token still on the device, but no previous step was given")
+        n = len(moves)
+        if all(d == s_ == i for i, (d, s_) in enumerate(moves)):  # steady decode: same sequences, same order
+            ids[:n].copy_(prev[:n])
+            return
+        idx = self._to_device(int_tensor(itertools.chain((d for d, _ in moves), (s_ for _, s_ in moves))))
+        ids.index_copy_(0, idx[:n], prev.index_select(0, idx[n:]))
 
     def _context_batch(self, prefill: list, first_row: int) -> ContextBatch | None:
         """The prefill chunks that attend over cached keys before them, as one padded batch."""
@@ -202,14 +224,15 @@ class ModelRunner:
     # --- execution ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one step. Returns logits [N, vocab] (float32) and the N sequences that sample."""
+    def execute(self, batch: Batch, prev_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step. Returns logits [N, vocab] (float32) and the N sequences that sample. prev_tokens:
+        the previous step's sampled tokens, where some sequences' last token is still only there."""
         if self.graph_sizes and batch.is_decode_only and len(batch.items) <= self.graph_sizes[-1] \
                 and all(is_decode(it) for it in batch.items):
-            return self._replay_decode(batch), [it.seq for it in batch.items]
+            return self._replay_decode(batch, prev_tokens), [it.seq for it in batch.items]
         if self.device.type == "cpu":
             self._cpu_threads(batch.is_decode_only)
-        ids, pos, meta, rows = self._prepare(batch)  # puts decode items first: rows follow that order
+        ids, pos, meta, rows = self._prepare(batch, prev_tokens)  # decode items first: rows follow that order
         seqs = [it.seq for it in batch.items if it.samples]
         hidden = self.model.hidden(ids, pos, self.kv_caches, meta)
         if not rows:
@@ -246,29 +269,30 @@ class ModelRunner:
         sizes = [s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
                  if s <= max(1, max_num_seqs)]
         n, dev = sizes[-1], self.device
-        # static inputs: rows ids, positions, slots, context lengths (one copy per step fills all four)
-        self.g_packed = torch.zeros((4, n), dtype=torch.long, device=dev)
-        self.g_packed[2].fill_(self.dummy_slot)
-        self.g_packed[3].fill_(1)
-        self.g_ids, self.g_pos, self.g_slots, self.g_lens = self.g_packed.unbind(0)
+        # static inputs: a graph of batch size s reads ids, positions, slots and context lengths from the
+        # first 4*s entries, [ids | positions | slots | lengths], so one contiguous copy fills them each step
+        self.g_packed = torch.zeros(4 * n, dtype=torch.long, device=dev)
         self.g_tables = torch.zeros((n, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
         self.g_logits: dict[int, torch.Tensor] = {}
+        self.g_ids: dict[int, torch.Tensor] = {}
         pool = None
         for size in reversed(sizes):
-            meta = AttentionMetadata(self.g_slots[:size], size, self.g_tables[:size], self.g_lens[:size],
-                                     [], [], self.block_size)
+            ids, pos, slots, lens = self.g_packed[: 4 * size].view(4, size).unbind(0)
+            slots.fill_(self.dummy_slot)
+            lens.fill_(1)
+            meta = AttentionMetadata(slots, size, self.g_tables[:size], lens, [], [], self.block_size)
             for _ in range(2):  # warm up (Triton compile, cuBLAS handles) outside capture
-                self.model.logits(self.model.hidden(self.g_ids[:size], self.g_pos[:size], self.kv_caches, meta))
+                self.model.logits(self.model.hidden(ids, pos, self.kv_caches, meta))
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.model.logits(self.model.hidden(self.g_ids[:size], self.g_pos[:size], self.kv_caches, meta))
+                out = self.model.logits(self.model.hidden(ids, pos, self.kv_caches, meta))
             pool = graph.pool()
-            self.graphs[size], self.g_logits[size] = graph, out
+            self.graphs[size], self.g_logits[size], self.g_ids[size] = graph, out, ids
         self.graph_sizes = sizes
         log.info("captured CUDA graphs for decode batch sizes %s", sizes)
 
-    def _replay_decode(self, batch: Batch) -> torch.Tensor:
+    def _replay_decode(self, batch: Batch, prev_tokens: torch.Tensor | None) -> torch.Tensor:
         """Decode-only step: two host-to-device copies into the static buffers, then one graph replay."""
         b = len(batch.items)
         size = self.graph_sizes[bisect.bisect_left(self.graph_sizes, b)]
@@ -277,16 +301,17 @@ class ModelRunner:
         for it in batch.items:
             seq = it.seq
             p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
+            ids.append(seq.token_ids[p] if seq.pending_row < 0 else 0)
             pos.append(p)
             slots.append(slot_of(seq.block_table, p, bs))
             lens.append(p + 1)
         pad = size - b  # padded rows write to the dummy slot and read one cached token
         packed = int_tensor(itertools.chain(ids, [0] * pad, pos, [0] * pad, slots, [self.dummy_slot] * pad,
-                                            lens, [1] * pad)).view(4, size)
+                                            lens, [1] * pad))
         tables = padded_tables([it.seq.block_table for it in batch.items])
         width = tables.shape[1]
-        self.g_packed[:, :size].copy_(packed.pin_memory(), non_blocking=True)
+        self.g_packed[: 4 * size].copy_(packed.pin_memory(), non_blocking=True)
         self.g_tables[:b, :width].copy_(tables.pin_memory(), non_blocking=True)  # past width: never read
+        self._take_device_tokens(self.g_ids[size], batch.items, prev_tokens)
         self.graphs[size].replay()
         return self.g_logits[size][:b]

@@ -25,6 +25,8 @@ class SeqStatus(enum.Enum):
 
 _seq_counter = itertools.count()
 
+PLACEHOLDER = -1  # a token id still on the device
+
 
 @dataclass(slots=True, eq=False)
 class Sequence:
@@ -44,6 +46,11 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     constraint: Any = None  # e.g. a JsonConstraint: masks the tokens that may follow
+    # Running ahead (engine.py): the last token may still be on the device, in row `pending_row` of the step
+    # that sampled it, with PLACEHOLDER in token_ids until the engine reads it back; `final_pending`: that
+    # token ends the sequence whatever it is (max_tokens, context), so no step runs for it.
+    pending_row: int = -1
+    final_pending: bool = False
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -67,6 +74,14 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether sampling reads this sequence's generated tokens on the host (penalties, a JSON
+        constraint): then a step must not run before the previous step's tokens are back."""
+        p = self.params
+        return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty) \
+            or self.constraint is not None
 
     @property
     def num_uncomputed(self) -> int:

@@ -53,30 +53,58 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Queue a copy of t to (pinned) host memory; on a CPU, t itself."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 @dataclass(slots=True)
 class PendingSample:
-    """Sampled tokens still on the device: `results()` waits for them (the engine does CPU work first)."""
+    """Sampled tokens still on the device. Their copies to the host are queued right behind the sampling,
+    with an event after them: `results()` waits for that event, not for the device's whole queue, so it
+    returns while a later step (queued since) still runs. `tokens` stays on the device as the next step's
+    input (engine.py, running ahead)."""
 
     tokens: torch.Tensor
     seqs: list[Sequence]
-    raw_logprobs: torch.Tensor | None
+    host_tokens: torch.Tensor
+    host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # chosen [N], top values, top ids [N, k]
     want_logprobs: list[bool]
+    ready: torch.cuda.Event | None
 
     def results(self) -> list[SampleResult]:
-        token_list = self.tokens.tolist()
+        if self.ready is not None:
+            self.ready.synchronize()
+        token_list = self.host_tokens.tolist()
         results = [SampleResult(t) for t in token_list]
-        if self.raw_logprobs is not None:
+        if self.host_logprobs is not None:
+            chosen, top_vals, top_ids = (t.tolist() for t in self.host_logprobs)
             for i, seq in enumerate(self.seqs):
-                if not self.want_logprobs[i]:
-                    continue
-                k = seq.params.logprobs or 0
-                results[i].logprob = float(self.raw_logprobs[i, token_list[i]])
-                if k:
-                    vals, ids = self.raw_logprobs[i].topk(k)
-                    results[i].top = list(zip(ids.tolist(), vals.tolist()))
-                else:
-                    results[i].top = []
+                if self.want_logprobs[i]:
+                    k = seq.params.logprobs or 0
+                    results[i].logprob = chosen[i]
+                    results[i].top = list(zip(top_ids[i][:k], top_vals[i][:k]))
         return results
+
+
+def _launched(tokens: torch.Tensor, seqs: list[Sequence], raw_logprobs: torch.Tensor | None,
+              want_logprobs: list[bool]) -> PendingSample:
+    host_logprobs = None
+    if raw_logprobs is not None:  # the chosen token's logprob and the top k, computed on the device
+        k = max((s.params.logprobs or 0) for s in seqs)
+        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k else (raw_logprobs[:, :0], tokens[:, None][:, :0])
+        host_logprobs = (_to_host(chosen), _to_host(top_vals), _to_host(top_ids))
+    host_tokens = _to_host(tokens)
+    ready = None
+    if tokens.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    return PendingSample(tokens, seqs, host_tokens, host_logprobs, want_logprobs, ready)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[SampleResult]:
@@ -120,4 +148,4 @@ def sample_launch(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int
                 noise[i].exponential_()
         sampled = (probs / noise).argmax(dim=-1)
         tokens = torch.where(greedy, tokens, sampled)
-    return PendingSample(tokens, seqs, raw_logprobs, want_logprobs)
+    return _launched(tokens, seqs, raw_logprobs, want_logprobs)

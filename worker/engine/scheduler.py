@@ -72,7 +72,7 @@ class Scheduler:
         budget = self.max_batched_tokens
         # 1. decode: one token per running sequence that has computed all but its last token
         for seq in list(self.running):
-            if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed != 1:
+            if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed != 1 or seq.final_pending:
                 continue
             while not self.blocks.can_append(seq) and self.running:
                 victim = self.running[-1]
@@ -100,6 +100,8 @@ class Scheduler:
         reserve = sum(self._growth_blocks(s) for s in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.pending_row >= 0:  # preempted while its last token is on the device: wait for it (FCFS)
+                break
             growth = self._growth_blocks(seq)
             if not self.blocks.can_allocate(seq, reserve=reserve + growth if self.running else 0):
                 break

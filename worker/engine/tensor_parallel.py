@@ -218,6 +218,7 @@ class _Seq:
     num_computed_tokens: int
     block_table: list[int]
     num_prompt_tokens: int
+    pending_row: int = -1  # never on the device here: rank 0 reads each step back before the next
 
 
 @dataclass(slots=True)
@@ -278,9 +279,11 @@ class TensorParallelRunner(ModelRunner):
         for conn in self.peers:
             conn.send_bytes(data)
 
-    def execute(self, batch: Batch) -> tuple[torch.Tensor, list[Any]]:
+    device_tokens = False  # the other ranks get each step's token ids from the host
+
+    def execute(self, batch: Batch, prev_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Any]]:
         self._tell(("step", snapshot(batch)))
-        return super().execute(batch)
+        return super().execute(batch, prev_tokens)
 
     def embed(self, inputs: list[list[int]], max_batch_tokens: int = 8192) -> list[torch.Tensor]:
         self._tell(("embed", inputs))
