@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 import threading
 import time
@@ -90,13 +91,19 @@ async def one(client: httpx.AsyncClient, url: str, tokens: int) -> tuple[int, fl
 
 
 async def drive(url: str, users: int, tokens: int, rounds: int) -> dict:
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=users + 4)) as client:
-        await one(client, url, 4)  # warm-up
+    # a client per user: one shared client's connection pool costs it time quadratic in open connections
+    tls = ssl.create_default_context()
+    clients = [httpx.AsyncClient(timeout=120, verify=tls) for _ in range(users)]
+    try:
+        await one(clients[0], url, 4)  # warm-up
         t0 = time.perf_counter()
         results = []
         for _ in range(rounds):
-            results += await asyncio.gather(*(one(client, url, tokens) for _ in range(users)))
+            results += await asyncio.gather(*(one(c, url, tokens) for c in clients))
         wall = time.perf_counter() - t0
+    finally:
+        for c in clients:
+            await c.aclose()
     count = sum(c for c, _ in results)
     ttfts = sorted(f for _, f in results)
     return {"tokens": count, "wall_s": round(wall, 2), "tok_s": round(count / wall), "ttft_p50_s": round(ttfts[len(ttfts) // 2], 3)}

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -95,14 +96,20 @@ async def run_users(url: str, model: str, users: int, turns: int, tokens: int, s
     """`rounds` runs of `users` concurrent conversations, one after another (new conversations each
     round): the per-turn percentiles then rest on users x rounds samples, not on `users` alone."""
     results: list[dict] = []
-    limits = httpx.Limits(max_connections=users + 4)
     wall = 0.0
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    # a client per user, as U people in browsers or scripts have: one client shared by U streams spends its
+    # time in httpx's connection-pool scans (quadratic in open connections) and the benchmark measures itself
+    tls = ssl.create_default_context()
+    clients = [httpx.AsyncClient(timeout=httpx.Timeout(600.0), verify=tls) for _ in range(users)]
+    try:
         for r in range(rounds):
             t0 = time.perf_counter()
-            await asyncio.gather(*(user(client, url, model, first_uid + r * users + u, turns, tokens, system,
+            await asyncio.gather(*(user(clients[u], url, model, first_uid + r * users + u, turns, tokens, system,
                                         results) for u in range(users)))
             wall += time.perf_counter() - t0
+    finally:
+        for c in clients:
+            await c.aclose()
     return summarize(results, users, rounds, turns, tokens, wall)
 
 

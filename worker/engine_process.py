@@ -21,6 +21,7 @@ import gc
 import itertools
 import logging
 import multiprocessing
+import queue
 import threading
 from typing import Any
 
@@ -106,6 +107,10 @@ class ProcessEngine(EngineClient):
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
         self._reader = threading.Thread(target=self._read, name="engine-pipe", daemon=True)
+        # commands go down the pipe from a thread of their own: a burst of requests fills the pipe's 64 KiB
+        # while the child is mid-step, and a send from the event loop would then stall every stream here
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="engine-commands", daemon=True)
 
     @classmethod
     def launch(cls, settings: WorkerSettings) -> ProcessEngine:
@@ -137,34 +142,46 @@ class ProcessEngine(EngineClient):
 
     def start(self) -> None:
         self._reader.start()
+        self._writer.start()
 
     def stop(self) -> None:
-        try:
-            self._send(("stop", None))
-        except (OSError, ValueError):
-            pass
+        if self._writer.is_alive():  # whatever is queued goes first
+            self._outbox.put(("stop", None))
+            self._outbox.put(None)
+            self._writer.join(timeout=10)
+        else:
+            try:
+                self._commands.send(("stop", None))
+            except (OSError, ValueError):
+                pass
         self._proc.join(timeout=10)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(timeout=5)
 
-    def _send(self, msg: tuple) -> None:  # from the event loop's thread only
-        self._commands.send(msg)
-
-    def _command(self, cmd: str, arg: Any) -> None:
+    def _command(self, cmd: str, arg: Any) -> None:  # from the event loop's thread
         if cmd == "embed":
             inputs, future = arg
             token = next(self._ids)
             self._futures[token] = future
             arg = (inputs, token)
-        try:
-            self._send((cmd, arg))
-        except (OSError, ValueError):  # the child is gone: the reader has said so or is about to
-            if cmd == "add":
-                self._deliver(arg[0], EngineDeadError(self.dead or "the engine process is gone"))
-            elif cmd == "embed":
-                future = self._futures.pop(arg[1])
-                future.get_loop().call_soon_threadsafe(_settle, future, EngineDeadError("the engine process is gone"))
+        self._outbox.put((cmd, arg))
+
+    def _write(self) -> None:
+        while (msg := self._outbox.get()) is not None:
+            try:
+                self._commands.send(msg)
+            except (OSError, ValueError):  # the child is gone: the reader has said so or is about to
+                self._undeliverable(*msg)
+
+    def _undeliverable(self, cmd: str, arg: Any) -> None:
+        if cmd == "add":
+            self._deliver(arg[0], EngineDeadError(self.dead or "the engine process is gone"))
+        elif cmd == "embed":
+            future = self._futures.pop(arg[1], None)
+            if future is not None:
+                future.get_loop().call_soon_threadsafe(_settle, future,
+                                                       EngineDeadError("the engine process is gone"))
 
     def _read(self) -> None:
         while True:
