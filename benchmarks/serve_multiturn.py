@@ -8,7 +8,7 @@ TTFT and inter-token latency p50/p99. Starts its own controller, worker and gate
     python benchmarks/serve_multiturn.py --users 1,8 --turns 3 --tokens 64
     python benchmarks/serve_multiturn.py --users 1,8 --turns 5 --tokens 32 --system-tokens 500 --rounds 5
                                                                               # prefix-cache check
-    python benchmarks/serve_multiturn.py --users 64 --profile prof/   # + py-spy of every process per run
+    python benchmarks/serve_multiturn.py --users 64,64 --profile prof/   # the last run under py-spy
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def main() -> None:
     ap.add_argument("--worker-args", default="", help="extra worker flags when the script starts the stack")
     ap.add_argument("--show-logs", action="store_true", help="print the services' warnings at the end")
     ap.add_argument("--profile", default="", help="a folder: py-spy records gateway, worker, engine process and "
-                    "this client during each run (needs py-spy on PATH and the stack started here)")
+                    "this client during the last run (needs py-spy on PATH and the stack started here)")
     ap.add_argument("--offline", action="store_true", help="then run the same conversations through the worker's "
                     "engine in this process (same --worker-args), after the stack has stopped: the HTTP runs' "
                     "baseline, measured in the same run")
@@ -249,14 +249,17 @@ def main() -> None:
             engine_pid = httpx.get(w.url + "/status").json().get("engine_pid")
             pids = {"gateway": g.proc.pid, "worker": w.proc.pid, "engine": engine_pid, "controller": c.proc.pid,
                     "client": os.getpid()}
-        for i, u in enumerate(int(x) for x in a.users.split(",")):
-            spies = profiled(pids, a.profile, f"run{i}_{u}users") if pids else []
+        counts = [int(x) for x in a.users.split(",")]
+        for i, u in enumerate(counts):
+            # only the last run is profiled: list a user count twice for its figure and its profile
+            spies = profiled(pids, a.profile, f"run{i}_{u}users") if pids and i == len(counts) - 1 else []
             t_start = time.time()
             try:
                 run = asyncio.run(run_users(url, model, u, a.turns, a.tokens, system, rounds=a.rounds))
             finally:
                 stop_profiles(spies)
-            if pids:
+            if spies:
+                run["profiled"] = True
                 run["unix_time"] = [round(t_start, 3), round(time.time(), 3)]
             report["runs"].append(run)
     finally:
@@ -268,8 +271,11 @@ def main() -> None:
                 print(f"--- {s.name}: {len(lines)} warnings\n" + "\n".join(lines[-25:]), file=sys.stderr)
     if a.offline:
         report["offline_runs"] = offline_runs(a, system)
-        report["http_over_offline"] = {r["users"]: round(r["output_tok_s"] / o["output_tok_s"], 2)
-                                       for r, o in zip(report["runs"], report["offline_runs"])}
+        ratios: dict[str, float] = {}
+        for i, (r, o) in enumerate(zip(report["runs"], report["offline_runs"])):
+            key = str(r["users"]) if str(r["users"]) not in ratios else f"{r['users']} (run {i + 1})"
+            ratios[key + (", profiled" if r.get("profiled") else "")] = round(r["output_tok_s"] / o["output_tok_s"], 2)
+        report["http_over_offline"] = ratios
     for key in ("runs", "offline_runs"):
         runs = report.get(key, [])
         for r in runs:

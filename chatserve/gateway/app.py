@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,7 +20,7 @@ from starlette.datastructures import Headers
 from chatserve.gateway.limits import KeyPolicy, KeyRing, parse_key_file
 from chatserve.gateway.metrics import GatewayMetrics
 from chatserve.gateway.serving import ChatService, CompletionService
-from chatserve.gateway.upstream import STREAM_SHARDS, ClientShards, Upstream, WorkerUnreachable
+from chatserve.gateway.upstream import ClientShards, Upstream, WorkerUnreachable
 from chatserve.http import error_response, install_error_handlers, serve, setup_logging
 from chatserve.protocol.errors import (
     BadRequestError,
@@ -113,18 +112,16 @@ def streaming(model: type) -> dict[int | str, dict[str, Any]]:
 def build_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
-        workers = ClientShards(STREAM_SHARDS)
+        clients = ClientShards()
         try:
-            async with httpx.AsyncClient(limits=limits) as client:
-                upstream = Upstream(client, settings.controller_url.rstrip("/"), settings.internal_secret,
-                                    settings.worker_cache_ttl, settings.worker_stall_timeout, workers)
-                app.state.upstream = upstream
-                app.state.chat = ChatService(upstream, settings.max_tokens_cap, metrics)
-                app.state.completions = CompletionService(upstream, settings.max_tokens_cap, metrics)
-                yield
+            upstream = Upstream(clients, settings.controller_url.rstrip("/"), settings.internal_secret,
+                                settings.worker_cache_ttl, settings.worker_stall_timeout)
+            app.state.upstream = upstream
+            app.state.chat = ChatService(upstream, settings.max_tokens_cap, metrics)
+            app.state.completions = CompletionService(upstream, settings.max_tokens_cap, metrics)
+            yield
         finally:
-            await workers.aclose()
+            await clients.aclose()
 
     metrics = GatewayMetrics()
     errors = {status: {"model": ErrorResponse, "description": "An error in the OpenAI envelope"}

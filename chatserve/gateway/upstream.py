@@ -6,8 +6,8 @@ controller restarts.
 Connections: httpx's pool scans every connection it holds (and, for each idle one, every connection again)
 each time a request starts or ends. One client holding a connection per concurrent stream makes a burst
 of U new requests cost O(U^3): 64 chats starting at once spent ~1.4 s there before their first token on
-an H100 host. So the worker streams spread round-robin over `STREAM_SHARDS` small clients, and the
-controller's short calls have a client of their own.
+an H100 host. So the calls (the controller's dispatches and the workers' streams) spread round-robin over
+`SHARDS` small clients.
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ class WorkerUnreachable(Exception):
     """The worker could not be reached or broke its stream (it may be dead)."""
 
 
-STREAM_SHARDS = 16
+SHARDS = 16
 
 
 class ClientShards:
     """`n` httpx clients sharing one TLS context; `next()` hands them out in turn."""
 
-    def __init__(self, n: int, max_connections: int = 1000, max_keepalive: int = 100):
+    def __init__(self, n: int = SHARDS, max_connections: int = 1000, max_keepalive: int = 256):
         ctx = ssl.create_default_context()  # built once: ~10 ms each, and the same for every shard
         per = httpx.Limits(max_connections=max(1, max_connections // n),
                            max_keepalive_connections=max(1, max_keepalive // n))
@@ -67,12 +67,11 @@ class ClientShards:
 
 @dataclass
 class Upstream:
-    client: httpx.AsyncClient  # the controller's calls
+    clients: ClientShards
     controller_url: str
     secret: str = ""
     cache_ttl: float = 10.0
     stall_timeout: float = 10.0  # a worker silent this long (no tokens, no keepalives) is taken as cut off
-    workers: ClientShards | None = None  # the workers' calls and streams (else `client`)
     _cache: dict[str, tuple[float, list[DispatchResponse]]] = field(default_factory=dict)
 
     @property
@@ -81,7 +80,7 @@ class Upstream:
 
     async def _controller(self, method: str, path: str, **kw: object) -> httpx.Response:
         try:
-            resp = await self.client.request(method, self.controller_url + path, headers=self.headers,
+            resp = await self.clients.next().request(method, self.controller_url + path, headers=self.headers,
                                              timeout=5.0, **kw)  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
             raise ServiceUnavailableError("the controller is unreachable") from exc
@@ -128,12 +127,9 @@ class Upstream:
         except ChatServeError:
             pass
 
-    def _worker_client(self) -> httpx.AsyncClient:
-        return self.workers.next() if self.workers is not None else self.client
-
     async def worker_call(self, worker: DispatchResponse, path: str, body: dict, timeout: float = 30.0) -> dict:
         try:
-            resp = await self._worker_client().post(worker.address + path, json=body, headers=self.headers, timeout=timeout)
+            resp = await self.clients.next().post(worker.address + path, json=body, headers=self.headers, timeout=timeout)
         except httpx.HTTPError as exc:
             raise WorkerUnreachable(str(exc)) from exc
         if resp.status_code >= 400:
@@ -144,7 +140,7 @@ class Upstream:
         """Open the worker's stream. Errors before the stream starts raise ChatServeError (a refusal, with
         the worker's status) or WorkerUnreachable; a stream cut later raises WorkerUnreachable."""
         try:
-            async with self._worker_client().stream("POST", worker.address + "/generate", json=req.model_dump(),
+            async with self.clients.next().stream("POST", worker.address + "/generate", json=req.model_dump(),
                                           headers=self.headers,
                                           timeout=httpx.Timeout(10.0, read=self.stall_timeout)) as resp:
                 if resp.status_code >= 400:
@@ -156,7 +152,9 @@ class Upstream:
                     data = json.loads(line)
                     if data.get("kind") == "ping":
                         continue
-                    # trusted internal peer: validate only the rare chunks with nested logprobs
+                    # trusted internal peer: validate only the rare chunks with nested logprobs. token_ids given
+                    # (a start event has none): model_construct's default_factory path calls inspect.signature
+                    data.setdefault("token_ids", [])
                     yield GenerateChunk(**data) if data.get("logprobs") else GenerateChunk.model_construct(**data)
         except httpx.HTTPError as exc:
             raise WorkerUnreachable(f"{type(exc).__name__}: {exc}") from exc
