@@ -81,7 +81,7 @@ class Upstream:
     async def _controller(self, method: str, path: str, **kw: object) -> httpx.Response:
         try:
             resp = await self.clients.next().request(method, self.controller_url + path, headers=self.headers,
-                                             timeout=5.0, **kw)  # type: ignore[arg-type]
+                                                     timeout=5.0, **kw)  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
             raise ServiceUnavailableError("the controller is unreachable") from exc
         if resp.status_code >= 400:
@@ -129,7 +129,8 @@ class Upstream:
 
     async def worker_call(self, worker: DispatchResponse, path: str, body: dict, timeout: float = 30.0) -> dict:
         try:
-            resp = await self.clients.next().post(worker.address + path, json=body, headers=self.headers, timeout=timeout)
+            resp = await self.clients.next().post(worker.address + path, json=body, headers=self.headers,
+                                                  timeout=timeout)
         except httpx.HTTPError as exc:
             raise WorkerUnreachable(str(exc)) from exc
         if resp.status_code >= 400:
@@ -141,8 +142,8 @@ class Upstream:
         the worker's status) or WorkerUnreachable; a stream cut later raises WorkerUnreachable."""
         try:
             async with self.clients.next().stream("POST", worker.address + "/generate", json=req.model_dump(),
-                                          headers=self.headers,
-                                          timeout=httpx.Timeout(10.0, read=self.stall_timeout)) as resp:
+                                                  headers=self.headers,
+                                                  timeout=httpx.Timeout(10.0, read=self.stall_timeout)) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
                     if resp.status_code == 503:

@@ -144,8 +144,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.use_gemv and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and self.bias is None and x.stride(-1) == 1 \
-                and w.stride(-1) == 1 and triton_kernels.available():
+        one_row = x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
+        if self.use_gemv and one_row and x.is_cuda and self.bias is None and triton_kernels.available():
             return triton_kernels.gemv(x, w)
         return super().forward(x)
 

@@ -293,7 +293,8 @@ class ModelRunner:
         log.info("captured CUDA graphs for decode batch sizes %s", sizes)
 
     def _replay_decode(self, batch: Batch, prev_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Decode-only step: two host-to-device copies into the static buffers, then one graph replay."""
+        """Decode-only step: two host-to-device copies into the static buffers (and tokens still on the
+        device moved there, where the engine runs ahead), then one graph replay."""
         b = len(batch.items)
         size = self.graph_sizes[bisect.bisect_left(self.graph_sizes, b)]
         bs = self.block_size
