@@ -45,7 +45,8 @@ def tiny_hf(seed: int = 0, **overrides) -> LlamaForCausalLM:
 def engine_for(hf: LlamaForCausalLM, num_blocks: int = 0, block_size: int = 4, budget: int = 64,
                max_num_seqs: int = 16, prefix_caching: bool = True, overlap: bool | None = None,
                kv_dtype: str = "auto", graphs: bool = True, memory_fraction: float = 0.0) -> LLMEngine:
-    """`overlap`: pipelined output processing (the GPU's mode) on or off; None: the device's default.
+    """`overlap`: running ahead (the GPU's mode: a step is queued before the last is read back) on or off;
+    None: the device's default.
     `memory_fraction`: size the KV cache from that fraction of GPU memory instead of `num_blocks`."""
     cfg = LlamaConfig.from_hf(hf.config)
     p = next(hf.parameters())

@@ -22,7 +22,7 @@ def test_single_request_matches_transformers(hf_model):
     assert out["a"] == hf_greedy(hf_model, p, 24)
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "pipelined-gpu-mode"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "running-ahead-gpu-mode"])
 def test_mixed_lengths_arriving_at_different_steps_match(hf_model, overlap):
     ps = prompts(2, 6, 3, 90)
     arrivals = {0: [("r0", ps[0], 12), ("r1", ps[1], 20)], 3: [("r2", ps[2], 8)], 5: [("r3", ps[3], 16)],
@@ -33,7 +33,7 @@ def test_mixed_lengths_arriving_at_different_steps_match(hf_model, overlap):
             assert out[rid] == hf_greedy(hf_model, p, n), rid
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "pipelined-gpu-mode"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "running-ahead-gpu-mode"])
 def test_prefix_cache_hits_match_and_are_counted(hf_model, overlap):
     engine = engine_for(hf_model, overlap=overlap)
     history = prompts(3, 1, 40, 40)[0]
@@ -63,7 +63,7 @@ def test_a_cached_prompt_with_one_token_left_sampled_beside_other_prefills(hf_mo
     assert out["again"] == hf_greedy(hf_model, p, 8)
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "pipelined-gpu-mode"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "running-ahead-gpu-mode"])
 def test_preempted_and_resumed_requests_match(hf_model, overlap):
     ps = prompts(5, 5, 10, 30)
     engine = engine_for(hf_model, num_blocks=24, block_size=4, overlap=overlap)  # 96 slots: not all at once
@@ -82,7 +82,7 @@ def test_multi_query_attention_and_tied_embeddings_match():
     assert out["a"] == hf_greedy(hf, p, 16)
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "pipelined-gpu-mode"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "running-ahead-gpu-mode"])
 def test_abort_frees_blocks_at_once(hf_model, overlap):
     engine = engine_for(hf_model, num_blocks=64, overlap=overlap)
     engine.add_request("a", prompts(8, 1, 30, 30)[0], greedy(50))
@@ -93,10 +93,10 @@ def test_abort_frees_blocks_at_once(hf_model, overlap):
     assert engine.blocks.num_free == 64 and not engine.has_unfinished()
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "pipelined-gpu-mode"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "running-ahead-gpu-mode"])
 def test_stop_string_cuts_the_text_and_frees_everything(hf_model, overlap):
-    """Pipelined (GPU) mode finds the stop string a step late and drops the token computed meanwhile;
-    CPU mode finds it in the step that sampled it. The client sees the same either way."""
+    """Running ahead (the GPU's mode), the stop string is found a step late and the token computed meanwhile
+    is dropped; CPU mode finds it in the step that sampled it. The client sees the same either way."""
     from chatserve.protocol.sampling import SamplingParams
 
     p = prompts(9, 1, 12, 12)[0]

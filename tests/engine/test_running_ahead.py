@@ -55,7 +55,7 @@ def test_no_step_runs_for_a_token_that_ends_by_length(hf_model):
     assert len(steps) == 5  # one prefill, four decodes: the fifth token is read back, never fed
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "pipelined-gpu-mode"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-mode", "running-ahead-gpu-mode"])
 def test_a_stop_token_found_a_step_late_drops_the_extra_token_and_frees_its_blocks(hf_model, overlap):
     p = prompt(3, 14)
     ref = hf_greedy(hf_model, p, 10)
