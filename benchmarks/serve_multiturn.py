@@ -186,10 +186,15 @@ def profiled(pids: dict[str, int], out_dir: str, tag: str) -> list[subprocess.Po
         print("--profile: py-spy not found on PATH", file=sys.stderr)
         return []
     os.makedirs(out_dir, exist_ok=True)
-    return [subprocess.Popen([spy, "record", "--nonblocking", "-r", "200", "-f", "raw", "-p", str(pid),
-                              "-o", os.path.join(out_dir, f"{name}_{tag}.txt")],
-                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(out_dir, f"{name}_{tag}.log"), "w"))
-            for name, pid in pids.items() if pid]
+    spies = []
+    for name, pid in pids.items():
+        if not pid:
+            continue
+        with open(os.path.join(out_dir, f"{name}_{tag}.log"), "w") as log:  # py-spy keeps its own copy
+            spies.append(subprocess.Popen([spy, "record", "--nonblocking", "-r", "200", "-f", "raw", "-p", str(pid),
+                                           "-o", os.path.join(out_dir, f"{name}_{tag}.txt")],
+                                          stdout=subprocess.DEVNULL, stderr=log))
+    return spies
 
 
 def stop_profiles(spies: list[subprocess.Popen]) -> None:

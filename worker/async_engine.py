@@ -50,6 +50,11 @@ def _settle(future: asyncio.Future[Any], result: Any) -> None:
         future.set_result(result)
 
 
+def settle_soon(future: asyncio.Future[Any], result: Any) -> None:
+    """From any thread: resolve future on its own loop with result (an exception: raised there)."""
+    future.get_loop().call_soon_threadsafe(_settle, future, result)
+
+
 def merge_outputs(items: list[Any]) -> list[Any]:
     """Coalesce consecutive deltas of the same choice (text, tokens and logprobs concatenated), so under
     load the HTTP path carries one chunk per choice per read instead of one per token. Order is kept."""
@@ -224,7 +229,7 @@ class AsyncEngine(EngineClient):
                 self._embedded(future, result)
 
     def _embedded(self, future: Any, result: Any) -> None:
-        future.get_loop().call_soon_threadsafe(_settle, future, result)
+        settle_soon(future, result)
 
     def _report_load(self) -> None:
         self.load = self.engine.load()

@@ -26,7 +26,7 @@ import threading
 from typing import Any
 
 from chatserve.settings import WorkerSettings
-from worker.async_engine import AsyncEngine, EngineClient, EngineDeadError, _settle
+from worker.async_engine import AsyncEngine, EngineClient, EngineDeadError, settle_soon
 from worker.engine.engine import LLMEngine, SeqOutput
 from worker.loader import LoadedModel, ModelLoadError
 
@@ -180,8 +180,7 @@ class ProcessEngine(EngineClient):
         elif cmd == "embed":
             future = self._futures.pop(arg[1], None)
             if future is not None:
-                future.get_loop().call_soon_threadsafe(_settle, future,
-                                                       EngineDeadError("the engine process is gone"))
+                settle_soon(future, EngineDeadError("the engine process is gone"))
 
     def _read(self) -> None:
         while True:
@@ -192,7 +191,7 @@ class ProcessEngine(EngineClient):
                 self._fail_all(self.dead or f"the engine process exited (exit code {self._proc.exitcode})")
                 futures, self._futures = self._futures, {}
                 for future in futures.values():
-                    future.get_loop().call_soon_threadsafe(_settle, future, EngineDeadError(self.dead))
+                    settle_soon(future, EngineDeadError(self.dead))
                 return
             kind = msg[0]
             if kind == "out":
@@ -206,6 +205,6 @@ class ProcessEngine(EngineClient):
                 future = self._futures.pop(msg[1], None)
                 if future is not None:
                     result = msg[2] if not isinstance(msg[2], str) else RuntimeError(msg[2])
-                    future.get_loop().call_soon_threadsafe(_settle, future, result)
+                    settle_soon(future, result)
             elif kind == "dead":
                 self._fail_all(msg[1])

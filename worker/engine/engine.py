@@ -49,14 +49,6 @@ class _Tracked:
     sent_tokens: int = 0
 
 
-@dataclass(slots=True)
-class _InFlight:
-    """A step whose sampled tokens are still on the device: row i of `sample` belongs to seqs[i]."""
-
-    seqs: list[Sequence]
-    sample: PendingSample
-
-
 @dataclass
 class ThroughputMeter:
     """Generated tokens over the last `window` seconds (reported to the controller)."""
@@ -89,7 +81,7 @@ class LLMEngine:
         self.by_request: dict[str, list[Sequence]] = {}
         self.throughput = ThroughputMeter()
         self.last_step_decode_only = False
-        self.inflight: _InFlight | None = None
+        self.inflight: PendingSample | None = None  # the step whose tokens are not read back yet
         self._json_grammar: JsonGrammar | None = None
         # running ahead (below) pays only where the device runs asynchronously: on a CPU the forward pass
         # blocks, so a step's tokens are read back at its end
@@ -158,7 +150,7 @@ class LLMEngine:
         if not batch.items:
             return outputs + self._read_back()
         self.last_step_decode_only = batch.is_decode_only
-        prev = self.inflight.sample.tokens if self.inflight is not None else None
+        prev = self.inflight.tokens if self.inflight is not None else None
         logits, seqs = self.runner.execute(batch, prev)
         queued = sample_launch(logits, seqs, self.eos_ids) if seqs else None
         outputs += self._read_back()  # the previous step's tokens, while the device runs this one
@@ -171,8 +163,7 @@ class LLMEngine:
             seq.pending_row = row
             seq.final_pending = seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
         self.throughput.add(live)
-        if queued is not None:
-            self.inflight = _InFlight(seqs, queued)
+        self.inflight = queued
         if not self.overlap:
             outputs += self._read_back()
         return outputs
@@ -186,7 +177,7 @@ class LLMEngine:
         if inflight is None:
             return []
         outputs = []
-        for row, (seq, res) in enumerate(zip(inflight.seqs, inflight.sample.results())):
+        for row, (seq, res) in enumerate(zip(inflight.seqs, inflight.results())):
             if seq.pending_row != row:  # finished before this token was appended
                 continue
             seq.pending_row = -1
