@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -91,26 +92,71 @@ async def user(client: httpx.AsyncClient, url: str, model: str, uid: int, turns:
                                    usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)))
 
 
-async def run_users(url: str, model: str, users: int, turns: int, tokens: int, system: str,
-                    first_uid: int = 0, rounds: int = 1) -> dict:
-    """`rounds` runs of `users` concurrent conversations, one after another (new conversations each
-    round): the per-turn percentiles then rest on users x rounds samples, not on `users` alone."""
+async def _converse(url: str, model: str, uids: list[tuple[int, ...]], turns: int, tokens: int, system: str,
+                    rounds: int, ready=None) -> tuple[list[dict], list[tuple[float, float]]]:
+    """`rounds` runs, one after another, of one conversation per entry of `uids` (its user id in each
+    round); `ready()` (a barrier across client processes) is awaited before each round. Returns the turns
+    answered and each round's (start, end) wall-clock time."""
     results: list[dict] = []
-    wall = 0.0
+    spans: list[tuple[float, float]] = []
     # a client per user, as U people in browsers or scripts have: one client shared by U streams spends its
     # time in httpx's connection-pool scans (quadratic in open connections) and the benchmark measures itself
     tls = ssl.create_default_context()
-    clients = [httpx.AsyncClient(timeout=httpx.Timeout(600.0), verify=tls) for _ in range(users)]
+    clients = [httpx.AsyncClient(timeout=httpx.Timeout(600.0), verify=tls) for _ in uids]
     try:
         for r in range(rounds):
-            t0 = time.perf_counter()
-            await asyncio.gather(*(user(clients[u], url, model, first_uid + r * users + u, turns, tokens, system,
-                                        results) for u in range(users)))
-            wall += time.perf_counter() - t0
+            if ready is not None:
+                await asyncio.to_thread(ready)
+            t0 = time.time()
+            await asyncio.gather(*(user(client, url, model, uid[r], turns, tokens, system, results)
+                                   for client, uid in zip(clients, uids)))
+            spans.append((t0, time.time()))
     finally:
         for c in clients:
             await c.aclose()
-    return summarize(results, users, rounds, turns, tokens, wall)
+    return results, spans
+
+
+def _client_process(url: str, model: str, uids: list[tuple[int, ...]], turns: int, tokens: int, system: str,
+                    rounds: int, barrier, out) -> None:
+    try:
+        out.put(asyncio.run(_converse(url, model, uids, turns, tokens, system, rounds, barrier.wait)))
+    except BaseException as exc:  # noqa: BLE001 - the parent raises it
+        barrier.abort()
+        out.put(exc)
+
+
+def run_users(url: str, model: str, users: int, turns: int, tokens: int, system: str,
+              first_uid: int = 0, rounds: int = 1, procs: int = 1) -> dict:
+    """`rounds` runs of `users` concurrent conversations, one after another (new conversations each
+    round): the per-turn percentiles then rest on users x rounds samples, not on `users` alone.
+
+    `procs` > 1 spreads the users over that many client processes (started together each round): one Python
+    event loop parsing 64 users' streams falls behind at each turn's start, and the time to first token it
+    stamps is then its own backlog."""
+    uids = [tuple(first_uid + r * users + u for r in range(rounds)) for u in range(users)]
+    procs = max(1, min(procs, users))
+    if procs == 1:
+        results, spans = asyncio.run(_converse(url, model, uids, turns, tokens, system, rounds))
+        return summarize(results, users, rounds, turns, tokens, sum(b - a for a, b in spans))
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=_client_process, args=(url, model, uids[i::procs], turns, tokens, system, rounds,
+                                                         barrier, out), daemon=True) for i in range(procs)]
+    for p in workers:
+        p.start()
+    parts = [out.get() for _ in workers]
+    for p in workers:
+        p.join()
+    for part in parts:
+        if isinstance(part, BaseException):
+            raise part
+    results = [r for res, _ in parts for r in res]
+    wall = sum(max(spans[r][1] for _, spans in parts) - min(spans[r][0] for _, spans in parts)
+               for r in range(rounds))
+    out_ = summarize(results, users, rounds, turns, tokens, wall)
+    out_["client_processes"] = procs
+    return out_
 
 
 def summarize(results: list[dict], users: int, rounds: int, turns: int, tokens: int, wall: float) -> dict:
@@ -125,7 +171,8 @@ def summarize(results: list[dict], users: int, rounds: int, turns: int, tokens: 
                        "prompt_tokens_mean": round(statistics.mean(r["prompt_tokens"] for r in rs)),
                        "cached_tokens_mean": round(statistics.mean(r["cached_tokens"] for r in rs))}
     return {"users": users, "rounds": rounds, "turns": turns, "tokens_per_turn": tokens, "wall_s": round(wall, 2),
-            "output_tokens": out_tokens, "output_tok_s": round(out_tokens / wall, 1), "per_turn": per_turn}
+            "output_tokens": out_tokens, "output_tok_s": round(out_tokens / wall, 1),
+            "ttft_mean_s": round(statistics.mean(r["ttft"] for r in results), 3), "per_turn": per_turn}
 
 
 def run_offline(engine, loaded, renderer, users: int, turns: int, tokens: int, system: str, first_uid: int = 0,
@@ -207,6 +254,32 @@ def stop_profiles(spies: list[subprocess.Popen]) -> None:
             p.kill()
 
 
+def client_procs(spec: str, counts: list[int]) -> list[int]:
+    auto = [max(1, min(-(-u // 8), (os.cpu_count() or 2) // 2)) for u in counts]
+    if spec == "auto":
+        return auto
+    given = [int(x) for x in spec.split(",")]
+    if len(given) == 1:
+        return given * len(counts)
+    if len(given) != len(counts):
+        raise SystemExit("--client-procs: one value, or one per --users entry")
+    return given
+
+
+def gateway_ttft(url: str) -> tuple[float, float] | None:
+    """(sum, count) of the gateway's time-to-first-token histogram, all models together."""
+    try:
+        text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    total = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for kind in total:
+            if line.startswith(f"chatserve:time_to_first_token_seconds_{kind}{{"):
+                total[kind] += float(line.rsplit(" ", 1)[1])
+    return total["sum"], total["count"]
+
+
 def start_stack(extra_worker_args: list[str]):
     from tests import procs
 
@@ -233,6 +306,8 @@ def main() -> None:
     ap.add_argument("--show-logs", action="store_true", help="print the services' warnings at the end")
     ap.add_argument("--profile", default="", help="a folder: py-spy records gateway, worker, engine process and "
                     "this client during the last run (needs py-spy on PATH and the stack started here)")
+    ap.add_argument("--client-procs", default="auto", help="client processes per run (one value, or one per "
+                    "--users entry); auto: one per 8 users, at most half the CPUs")
     ap.add_argument("--offline", action="store_true", help="then run the same conversations through the worker's "
                     "engine in this process (same --worker-args), after the stack has stopped: the HTTP runs' "
                     "baseline, measured in the same run")
@@ -246,21 +321,27 @@ def main() -> None:
         system = system_prompt(a.system_tokens)
         # warm-up: a conversation no measured user holds, so turn 1 finds the system prompt cached (as on a
         # serving host) but not its own first message
-        asyncio.run(run_users(url, model, 1, 1, 8, system, first_uid=10_000))
+        run_users(url, model, 1, 1, 8, system, first_uid=10_000)
         report = {"model": model, "api_url": url, "system_prompt_tokens_approx": a.system_tokens, "runs": []}
         pids = {}
         if a.profile and services:
             g, w, c = services
             engine_pid = httpx.get(w.url + "/status").json().get("engine_pid")
             pids = {"gateway": g.proc.pid, "worker": w.proc.pid, "engine": engine_pid, "controller": c.proc.pid,
-                    "client": os.getpid()}
+                    "client": os.getpid()}  # the client: only when it is this process (--client-procs 1)
         counts = [int(x) for x in a.users.split(",")]
+        procs = client_procs(a.client_procs, counts)
         for i, u in enumerate(counts):
             # only the last run is profiled: list a user count twice for its figure and its profile
             spies = profiled(pids, a.profile, f"run{i}_{u}users") if pids and i == len(counts) - 1 else []
             t_start = time.time()
             try:
-                run = asyncio.run(run_users(url, model, u, a.turns, a.tokens, system, rounds=a.rounds))
+                ttft0 = gateway_ttft(url)
+                run = run_users(url, model, u, a.turns, a.tokens, system, rounds=a.rounds, procs=procs[i])
+                ttft1 = gateway_ttft(url)
+                if ttft0 and ttft1 and ttft1[1] > ttft0[1]:
+                    # from the gateway's receipt of each request to its first token leaving: the server's share
+                    run["gateway_ttft_mean_s"] = round((ttft1[0] - ttft0[0]) / (ttft1[1] - ttft0[1]), 3)
             finally:
                 stop_profiles(spies)
             if spies:
