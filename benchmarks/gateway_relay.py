@@ -4,6 +4,8 @@ controller and gateway. Prints tokens/s through the gateway and the gateway's CP
 (from /proc, so it holds whatever else shares the machine's cores).
 
     python benchmarks/gateway_relay.py --users 64 --tokens 128 --rounds 3
+    python benchmarks/gateway_relay.py --users 64 --tokens 2 --rounds 30   # bursts of short requests: the
+                                                                           # per-request costs
 """
 
 from __future__ import annotations
@@ -130,9 +132,13 @@ def main() -> None:
     g = procs.gateway(c.url).start()
     try:
         g.wait(ok=procs.gateway_has_models)
-        cpu0 = cpu_seconds(g.proc.pid)
+        pids = {"gateway": g.proc.pid, "controller": c.proc.pid, "stand_in_worker": w.pid}
+        cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
         out = asyncio.run(drive(g.url, a.users, a.tokens, a.rounds))
-        out["gateway_cpu_us_per_token"] = round((cpu_seconds(g.proc.pid) - cpu0) / out["tokens"] * 1e6, 1)
+        cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
+        out["gateway_cpu_us_per_token"] = round(cpu["gateway"] / out["tokens"] * 1e6, 1)
+        requests = a.users * a.rounds  # with --tokens 2: the per-request costs (dispatch, stream set-up) dominate
+        out["cpu_ms_per_request"] = {k: round(v / requests * 1000, 2) for k, v in cpu.items()}
         print(json.dumps({"users": a.users, "tokens_per_request": a.tokens, "rounds": a.rounds, **out}))
     except Exception:
         print(g.logs()[-3000:], file=sys.stderr)

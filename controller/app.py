@@ -1,6 +1,6 @@
 """The controller service: registry and dispatch over HTTP. Never on the data path.
 
-Routes: POST /register, /heartbeat, /deregister, /dispatch, /report_failure; GET /models, /status,
+Routes: POST /register, /heartbeat, /deregister, /dispatch, /dispatch_batch, /report_failure; GET /models, /status,
 /health. Internal routes require the shared secret when one is set.
 """
 
@@ -16,10 +16,13 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from chatserve.http import install_error_handlers, require_secret, serve, setup_logging
-from chatserve.protocol.errors import NotFoundError, ServiceUnavailableError
+from chatserve.protocol.errors import ChatServeError, NotFoundError, ServiceUnavailableError
 from chatserve.protocol.internal import (
     ControllerStatus,
     Deregistration,
+    DispatchBatch,
+    DispatchBatchResponse,
+    DispatchOutcome,
     DispatchRequest,
     DispatchResponse,
     Heartbeat,
@@ -87,8 +90,7 @@ def build_app(settings: ControllerSettings) -> FastAPI:
     async def report_failure(d: Deregistration) -> dict[str, bool]:
         return drop(d.worker_id, logging.WARNING, "dropped: the gateway could not reach it")
 
-    @app.post("/dispatch", dependencies=[Depends(internal)])
-    async def dispatch(req: DispatchRequest) -> DispatchResponse:
+    def pick(req: DispatchRequest) -> DispatchResponse:
         known = registry.for_model(req.model)
         if not known:
             if req.model in registry.ever_served:
@@ -103,6 +105,22 @@ def build_app(settings: ControllerSettings) -> FastAPI:
             entry.remember(req.prefix_key)
         return DispatchResponse(worker_id=entry.worker_id, address=entry.reg.address,
                                 context_length=entry.reg.context_length)
+
+    @app.post("/dispatch", dependencies=[Depends(internal)])
+    async def dispatch(req: DispatchRequest) -> DispatchResponse:
+        return pick(req)
+
+    @app.post("/dispatch_batch", dependencies=[Depends(internal)])
+    async def dispatch_batch(batch: DispatchBatch) -> DispatchBatchResponse:
+        """Several dispatches in order, each decided as /dispatch would (its load counted before the next);
+        a refusal is that item's status and envelope, not the call's."""
+        results = []
+        for req in batch.requests:
+            try:
+                results.append(DispatchOutcome(worker=pick(req)))
+            except ChatServeError as exc:
+                results.append(DispatchOutcome(status=exc.status_code, error=exc.to_dict()["error"]))
+        return DispatchBatchResponse(results=results)
 
     @app.get("/models", dependencies=[Depends(internal)])
     async def models() -> ModelsResponse:

@@ -1,7 +1,7 @@
 """The gateway's view of the internal plane: which worker (controller), and the worker's stream.
 
 Worker addresses seen in dispatches are cached for a short time, so the gateway keeps serving while the
-controller restarts.
+controller restarts. Dispatches that arrive together go to the controller in one call (`/dispatch_batch`).
 
 Connections: httpx's pool scans every connection it holds (and, for each idle one, every connection again)
 each time a request starts or ends. One client holding a connection per concurrent stream makes a burst
@@ -12,6 +12,7 @@ an H100 host. So the calls (the controller's dispatches and the workers' streams
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -30,6 +31,8 @@ from chatserve.protocol.errors import (
     error_from_envelope,
 )
 from chatserve.protocol.internal import (
+    DispatchBatch,
+    DispatchBatchResponse,
     DispatchRequest,
     DispatchResponse,
     GenerateChunk,
@@ -73,6 +76,8 @@ class Upstream:
     cache_ttl: float = 10.0
     stall_timeout: float = 10.0  # a worker silent this long (no tokens, no keepalives) is taken as cut off
     _cache: dict[str, tuple[float, list[DispatchResponse]]] = field(default_factory=dict)
+    _dispatch_queue: list[tuple[DispatchRequest, asyncio.Future[DispatchResponse]]] = field(default_factory=list)
+    _dispatcher: asyncio.Task[None] | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -97,18 +102,53 @@ class Upstream:
     async def dispatch(self, model: str, prefix_key: str | None, exclude: list[str]) -> DispatchResponse:
         req = DispatchRequest(model=model, prefix_key=prefix_key, exclude=exclude)
         try:
-            resp = await self._controller("POST", "/dispatch", json=req.model_dump())
+            choice = await self._dispatch_coalesced(req)
         except ServiceUnavailableError as exc:
             cached = [w for w in self._cached(model) if w.worker_id not in exclude]
             if cached and "controller" in exc.message:
                 log.warning("controller unreachable: using cached worker %s for %s", cached[0].worker_id, model)
                 return cached[0]
             raise
-        choice = DispatchResponse(**resp.json())
         now = time.monotonic()
         _, known = self._cache.get(model, (now, []))
         self._cache[model] = (now, [choice, *[w for w in known if w.worker_id != choice.worker_id]][:8])
         return choice
+
+    async def _dispatch_coalesced(self, req: DispatchRequest) -> DispatchResponse:
+        """The controller decides every dispatch, but not in one call each: a request goes out at once if no
+        dispatch call is in flight, and those arriving meanwhile go together in the next call. A burst of U
+        chats then costs a few controller round trips, not U (each ~0.5 ms of this event loop: ~28% of the
+        gateway's time per streamed request in a 64-chat burst, py-spy on the 2-core CI machine)."""
+        future: asyncio.Future[DispatchResponse] = asyncio.get_running_loop().create_future()
+        self._dispatch_queue.append((req, future))
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.create_task(self._send_dispatches())
+        return await future
+
+    async def _send_dispatches(self) -> None:
+        try:
+            while self._dispatch_queue:
+                batch, self._dispatch_queue = self._dispatch_queue, []
+                try:
+                    resp = await self._controller("POST", "/dispatch_batch",
+                                                  json=DispatchBatch(requests=[r for r, _ in batch]).model_dump())
+                    results = DispatchBatchResponse(**resp.json()).results
+                    if len(results) != len(batch):
+                        raise ServiceUnavailableError("the controller answered a dispatch batch out of step")
+                except ChatServeError as exc:
+                    for _, future in batch:
+                        if not future.done():  # each waiter its own exception object (tracebacks stay apart)
+                            future.set_exception(error_from_envelope(exc.status_code, exc.to_dict()))
+                    continue
+                for (_, future), outcome in zip(batch, results):
+                    if future.done():  # its request was cancelled (client gone) meanwhile
+                        continue
+                    if outcome.worker is not None:
+                        future.set_result(outcome.worker)
+                    else:
+                        future.set_exception(error_from_envelope(outcome.status, {"error": outcome.error}))
+        finally:
+            self._dispatcher = None
 
     def _cached(self, model: str) -> list[DispatchResponse]:
         entry = self._cache.get(model)

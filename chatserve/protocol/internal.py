@@ -6,7 +6,7 @@ cumulative text to re-slice, the cause of FastChat's repeated/dropped characters
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -73,6 +73,22 @@ class DispatchResponse(BaseModel):
     worker_id: str
     address: str
     context_length: int
+
+
+class DispatchBatch(BaseModel):
+    """Dispatches that reached the gateway together, decided in one controller call (in order)."""
+
+    requests: list[DispatchRequest]
+
+
+class DispatchOutcome(BaseModel):
+    worker: DispatchResponse | None = None
+    status: int = 200  # else the HTTP status the single /dispatch would have answered, with its envelope
+    error: dict[str, Any] | None = None
+
+
+class DispatchBatchResponse(BaseModel):
+    results: list[DispatchOutcome]
 
 
 class ModelInfo(BaseModel):
