@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -105,10 +105,11 @@ def check_secret(request: Request, secret: str) -> None:
         raise AuthenticationError("missing or wrong internal secret")
 
 
-def require_secret(secret: str) -> Callable[[Request], None]:
-    """A route dependency that admits only internal-plane callers (no-op when no secret is set)."""
+def require_secret(secret: str) -> Callable[[Request], Awaitable[None]]:
+    """A route dependency that admits only internal-plane callers (no-op when no secret is set). A coroutine:
+    FastAPI would run a plain function in a worker thread, a thread hop per internal call."""
 
-    def dependency(request: Request) -> None:
+    async def dependency(request: Request) -> None:
         check_secret(request, secret)
 
     return dependency

@@ -143,20 +143,22 @@ def build_app(settings: GatewaySettings) -> FastAPI:
 
     app.add_middleware(BodyLimitAndCount, limit=settings.max_body_bytes, metrics=metrics)
 
-    def auth(request: Request) -> str:
+    # dependencies are coroutines: FastAPI runs a plain `def` one in a worker thread, two thread hops per
+    # request for what takes microseconds
+    async def auth(request: Request) -> str:
         """The caller's identity for limits: its API key, or its address when no keys are set."""
         if ring.enabled:
             return ring.identify(request.headers.get("authorization", ""))
         return "client:" + (request.client.host if request.client else "?")
 
-    def limited(key: str = Depends(auth)) -> Callable[[int], None]:
+    async def limited(key: str = Depends(auth)) -> Callable[[int], None]:
         """Admit a generation request under the caller's limits; returns how to charge its tokens."""
         ring.admit(key)
         return lambda tokens: ring.charge(key, tokens)
 
-    def metrics_auth(request: Request) -> None:
+    async def metrics_auth(request: Request) -> None:
         if not settings.metrics_open:
-            auth(request)
+            await auth(request)
 
     @app.get("/metrics", dependencies=[Depends(metrics_auth)], response_class=PlainTextResponse)
     async def prometheus(request: Request) -> Response:
