@@ -10,8 +10,9 @@
 #   benchmarks/device_runs.sh kernels  # decode attention: tile sweeps at large batches (kernels timed in CUDA graphs),
 #                                      # one pass vs split context at small batches, bf16 / fp8, and step profiles;
 #                                      # the batch-1 GEMV against cuBLAS
-#   benchmarks/device_runs.sh serve    # 1 and 64 users over HTTP (64 twice: the second under py-spy), then the same
-#                                      # conversations in-process; the 5-turn, 500-token system prompt run
+#   benchmarks/device_runs.sh serve    # 1 and 64 users over HTTP (64 four times: users in 8 client processes, in
+#                                      # one, and the last under py-spy), then the same conversations in-process;
+#                                      # the 5-turn, 500-token system prompt run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -32,7 +33,8 @@ kernels)
 serve)
     python3 benchmarks/make_random_checkpoint.py --shape 7b --tokenizer .whl/tok --out /tmp/m7b
     W="--model-path /tmp/m7b --model-name m7b --max-num-seqs 256 --max-batched-tokens 8192"
-    PATH=/tmp/site/bin:$PATH python3 benchmarks/serve_multiturn.py --users 1,64,64 --turns 3 --tokens 128 --offline \
+    PATH=/tmp/site/bin:$PATH python3 benchmarks/serve_multiturn.py --users 1,64,64,64,64 --client-procs 1,8,8,1,8 \
+        --turns 3 --tokens 128 --offline \
         --profile /tmp/prof --worker-args "$W" > "$OUT/serve_multiturn.json"
     tar czf "$OUT/profiles.tgz" -C /tmp prof
     python3 benchmarks/serve_multiturn.py --users 1,8 --turns 5 --tokens 32 --system-tokens 500 --rounds 3 --offline \
