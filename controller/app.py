@@ -1,7 +1,7 @@
 """The controller service: registry and dispatch over HTTP. Never on the data path.
 
-Routes: POST /register, /heartbeat, /deregister, /dispatch, /dispatch_batch, /report_failure; GET /models, /status,
-/health. Internal routes require the shared secret when one is set.
+Routes: POST /register, /heartbeat, /deregister, /dispatch, /dispatch_batch, /report_failure; GET /models,
+/status, /health. Internal routes require the shared secret when one is set.
 """
 
 from __future__ import annotations

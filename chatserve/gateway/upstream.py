@@ -126,29 +126,38 @@ class Upstream:
         return await future
 
     async def _send_dispatches(self) -> None:
+        batch: list[tuple[DispatchRequest, asyncio.Future[DispatchResponse]]] = []
         try:
             while self._dispatch_queue:
                 batch, self._dispatch_queue = self._dispatch_queue, []
                 try:
-                    resp = await self._controller("POST", "/dispatch_batch",
-                                                  json=DispatchBatch(requests=[r for r, _ in batch]).model_dump())
-                    results = DispatchBatchResponse(**resp.json()).results
-                    if len(results) != len(batch):
-                        raise ServiceUnavailableError("the controller answered a dispatch batch out of step")
+                    outcomes = await self._dispatch_batch([r for r, _ in batch])
                 except ChatServeError as exc:
-                    for _, future in batch:
-                        if not future.done():  # each waiter its own exception object (tracebacks stay apart)
-                            future.set_exception(error_from_envelope(exc.status_code, exc.to_dict()))
-                    continue
-                for (_, future), outcome in zip(batch, results):
+                    outcomes = [exc] * len(batch)
+                for (_, future), outcome in zip(batch, outcomes):
                     if future.done():  # its request was cancelled (client gone) meanwhile
                         continue
-                    if outcome.worker is not None:
-                        future.set_result(outcome.worker)
-                    else:
-                        future.set_exception(error_from_envelope(outcome.status, {"error": outcome.error}))
+                    if isinstance(outcome, DispatchResponse):
+                        future.set_result(outcome)
+                    else:  # each waiter its own exception object (tracebacks stay apart)
+                        future.set_exception(error_from_envelope(outcome.status_code, outcome.to_dict()))
+                batch = []
         finally:
             self._dispatcher = None
+            for _, future in batch:  # cancelled mid-call (shutdown): no waiter is left hanging
+                if not future.done():
+                    future.set_exception(ServiceUnavailableError("the dispatch was interrupted"))
+
+    async def _dispatch_batch(self, reqs: list[DispatchRequest]) -> list[DispatchResponse | ChatServeError]:
+        resp = await self._controller("POST", "/dispatch_batch", json=DispatchBatch(requests=reqs).model_dump())
+        try:
+            results = DispatchBatchResponse(**resp.json()).results
+        except ValueError:  # not JSON, or not the batch's shape
+            raise ServiceUnavailableError("the controller's dispatch answer is unreadable") from None
+        if len(results) != len(reqs):
+            raise ServiceUnavailableError("the controller answered a dispatch batch out of step")
+        return [r.worker if r.worker is not None else error_from_envelope(r.status, {"error": r.error})
+                for r in results]
 
     def _cached(self, model: str) -> list[DispatchResponse]:
         entry = self._cache.get(model)
