@@ -49,8 +49,16 @@ def system_prompt(tokens: int) -> str:
     return (sentence * (tokens // 17 + 1)).strip()
 
 
+WARM_UP_UID = 10_000
+
+
 def user_message(uid: int, turn: int) -> dict[str, str]:
-    """User `uid`'s message at `turn` (from 0): the same conversations over HTTP and in-process."""
+    """User `uid`'s message at `turn` (from 0): the same conversations over HTTP and in-process. The warm-up
+    conversation's message shares no wording with the measured ones: it leaves the system prompt in the
+    prefix cache, as other users of a host would, and no part of a first message (which later turns,
+    following an answer, could never reuse: their TTFT would be compared with a turn 1 that prefills less)."""
+    if uid == WARM_UP_UID:
+        return {"role": "user", "content": "Hello!"}
     topic = TOPICS[(uid * 3 + turn) % len(TOPICS)]
     return {"role": "user", "content": f"Tell me something about {topic}. (user {uid}, turn {turn + 1})"}
 
@@ -254,12 +262,16 @@ def stop_profiles(spies: list[subprocess.Popen]) -> None:
             p.kill()
 
 
-def run_uid(i: int) -> int:
-    """First user id of run i: every run holds conversations of its own. (A run that repeated an earlier
+def first_uids(counts: list[int], rounds: int) -> list[int]:
+    """Each run's first user id: every run holds conversations of its own. (A run that repeated an earlier
     run's conversations would find their history in the prefix cache. In-process the repeat is exact, so it
     does; over HTTP, arrival times shape the batches and, with random weights' near-tied logits, the
     answers, so it mostly does not: the in-process runs after the first measured up to 15% faster.)"""
-    return (i + 1) * 100_000
+    starts, uid = [], 0
+    for users in counts:
+        starts.append(uid)
+        uid += users * rounds
+    return starts
 
 
 def client_procs(spec: str, counts: list[int]) -> list[int]:
@@ -329,7 +341,7 @@ def main() -> None:
         system = system_prompt(a.system_tokens)
         # warm-up: a conversation no measured user holds, so turn 1 finds the system prompt cached (as on a
         # serving host) but not its own first message
-        run_users(url, model, 1, 1, 8, system, first_uid=10_000)
+        run_users(url, model, 1, 1, 8, system, first_uid=WARM_UP_UID)
         report = {"model": model, "api_url": url, "system_prompt_tokens_approx": a.system_tokens, "runs": []}
         pids = {}
         if a.profile and services:
@@ -339,13 +351,14 @@ def main() -> None:
                     "client": os.getpid()}  # the client: only when it is this process (--client-procs 1)
         counts = [int(x) for x in a.users.split(",")]
         procs = client_procs(a.client_procs, counts)
+        starts = first_uids(counts, a.rounds)
         for i, u in enumerate(counts):
             # only the last run is profiled: list a user count twice for its figure and its profile
             spies = profiled(pids, a.profile, f"run{i}_{u}users") if pids and i == len(counts) - 1 else []
             t_start = time.time()
             try:
                 ttft0 = gateway_ttft(url)
-                run = run_users(url, model, u, a.turns, a.tokens, system, first_uid=run_uid(i), rounds=a.rounds,
+                run = run_users(url, model, u, a.turns, a.tokens, system, first_uid=starts[i], rounds=a.rounds,
                                 procs=procs[i])
                 ttft1 = gateway_ttft(url)
                 if ttft0 and ttft1 and ttft1[1] > ttft0[1]:
@@ -391,9 +404,10 @@ def offline_runs(a: argparse.Namespace, system: str) -> list[dict]:
     loaded, engine = build_engine(settings)
     warm_up(engine)
     renderer = PromptRenderer(loaded.tokenizer, loaded.name, settings.chat_template)
-    run_offline(engine, loaded, renderer, 1, 1, 8, system, first_uid=10_000)  # warm-up, as for HTTP
-    return [run_offline(engine, loaded, renderer, int(u), a.turns, a.tokens, system, first_uid=run_uid(i),
-                        rounds=a.rounds) for i, u in enumerate(a.users.split(","))]
+    run_offline(engine, loaded, renderer, 1, 1, 8, system, first_uid=WARM_UP_UID)  # warm-up, as for HTTP
+    counts = [int(u) for u in a.users.split(",")]
+    return [run_offline(engine, loaded, renderer, u, a.turns, a.tokens, system, first_uid=start, rounds=a.rounds)
+            for u, start in zip(counts, first_uids(counts, a.rounds))]
 
 if __name__ == "__main__":
     main()
