@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from chatserve.protocol.internal import (
     WorkerRegistration,
 )
 from chatserve.settings import WorkerSettings
-from worker.async_engine import KEEPALIVE, AsyncEngine, EngineClient, EngineDeadError
+from worker.async_engine import KEEPALIVE, AsyncEngine, EngineClient, EngineDeadError, QueueSlot
 from worker.engine.engine import LLMEngine, SeqOutput
 from worker.engine.model_runner import CacheConfig, ModelRunner
 from worker.engine_process import ProcessEngine
@@ -332,21 +333,28 @@ def build_app(settings: WorkerSettings) -> FastAPI:
         prompt_ids, prompt_text, params = prepare(req, loaded, renderer)
         if engine.pending >= settings.max_queue_length:
             raise OverloadedError(f"worker queue is full ({settings.max_queue_length} requests)")
+        # the place is taken here, not when the stream starts: a burst's handlers run one after another
+        # before any of their streams does, and would all pass the check above
+        slot = QueueSlot(engine)
         first = GenerateChunk(kind="start", prompt_tokens=len(prompt_ids), prompt_text=prompt_text if req.echo else None)
 
         async def stream() -> AsyncIterator[bytes]:
-            yield (first.model_dump_json(exclude_defaults=True) + "\n").encode()
             try:
+                yield (first.model_dump_json(exclude_defaults=True) + "\n").encode()
                 async with aclosing(engine.generate(req.request_id, prompt_ids, params, req.n,
-                                                    settings.keepalive_interval)) as outputs:
+                                                    settings.keepalive_interval, slot)) as outputs:
                     async for out in outputs:
                         yield PING_LINE if out is KEEPALIVE else encode_chunk(out, loaded.tokenizer)  # type: ignore[arg-type]
             except (EngineDeadError, ValueError) as exc:
                 err = GenerateChunk(kind="error", error={"message": str(exc), "type": "InternalServerError",
                                                          "param": None, "code": 500})
                 yield (err.model_dump_json(exclude_defaults=True) + "\n").encode()
+            finally:
+                slot.release()
 
-        return StreamingResponse(stream(), media_type="application/x-ndjson")
+        body = stream()
+        weakref.finalize(body, slot.release)  # a response dropped before its stream started (client gone)
+        return StreamingResponse(body, media_type="application/x-ndjson")
 
     return app
 

@@ -73,6 +73,23 @@ def merge_outputs(items: list[Any]) -> list[Any]:
     return out
 
 
+class QueueSlot:
+    """A place in the worker's queue (`EngineClient.pending`), taken when a handler admits a request and
+    given back once (idempotent `release`) when its stream ends or is dropped unread."""
+
+    __slots__ = ("client", "held")
+
+    def __init__(self, client: EngineClient):
+        self.client = client
+        self.held = True
+        client.pending += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.client.pending -= 1
+
+
 class EngineClient:
     """The handler side, whichever way the engine runs: per-request output streams, the pending count, the
     last load report, and `dead` once the engine failed. Subclasses carry commands to the engine."""
@@ -97,16 +114,19 @@ class EngineClient:
     # --- handler side -------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       n: int = 1, keepalive: float | None = None) -> AsyncIterator[SeqOutput | object]:
+                       n: int = 1, keepalive: float | None = None,
+                       slot: QueueSlot | None = None) -> AsyncIterator[SeqOutput | object]:
         """Outputs of one request as they come. With `keepalive`, also `KEEPALIVE` whenever that many
         seconds passed without output (queued, or a long prefill), so a silent link can be told apart
-        from a busy worker."""
+        from a busy worker. `slot`: the queue place its handler took (else one is taken here); released
+        when the request ends."""
+        slot = slot or QueueSlot(self)
         if self.dead:
+            slot.release()
             raise EngineDeadError(self.dead)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             self._streams[request_id] = stream
-        self.pending += 1
         self._command("add", (request_id, prompt_ids, params, n))
         finished = 0
         quiet = [True]  # nothing arrived since the last keepalive tick
@@ -140,7 +160,7 @@ class EngineClient:
         finally:
             if timer is not None:
                 timer.cancel()
-            self.pending -= 1
+            slot.release()
             with self._lock:
                 self._streams.pop(request_id, None)
             if finished < n:

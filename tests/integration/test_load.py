@@ -78,3 +78,46 @@ def test_200_concurrent_streams_complete_or_get_429(small_queue_stack):
             break
         time.sleep(0.25)
     assert status["num_running"] == 0 and status["num_waiting"] == 0
+    assert queue_length(w) == 0
+
+
+def queue_length(w: procs.Service, settle: float = 5.0) -> int:
+    """The worker's own count of admitted, unfinished requests, once it stops falling (at most `settle` s)."""
+    deadline = time.monotonic() + settle
+    while True:
+        n = httpx.get(w.url + "/status").json()["load"]["queue_length"]
+        if n == 0 or time.monotonic() > deadline:
+            return n
+        time.sleep(0.1)
+
+
+def test_burst_of_clients_leaving_at_once_gives_every_queue_place_back(small_queue_stack):
+    """Clients that hang up while their request is being admitted, as its stream starts or mid-stream: each
+    place in the worker's queue (taken when its handler admits the request) comes back, and a full burst
+    is then admitted again as before."""
+    w, g = small_queue_stack["worker"], small_queue_stack["gateway"]
+
+    async def leave_early(client: httpx.AsyncClient, i: int) -> None:
+        body = {"model": MODEL, "stream": True, "max_tokens": 200, "ignore_eos": True,
+                "messages": [{"role": "user", "content": f"Count to a hundred. Request {i}."}]}
+        try:
+            async with asyncio.timeout(0.02 + (i % 10) * 0.05):
+                async with client.stream("POST", g.url + "/v1/chat/completions", json=body) as resp:
+                    async for _ in resp.aiter_lines():
+                        pass
+        except TimeoutError:
+            pass
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=CONCURRENCY + 10)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
+            await asyncio.gather(*(leave_early(client, i) for i in range(100)))
+
+    asyncio.run(main())
+    assert queue_length(w, settle=15.0) == 0
+
+    async def again() -> list[tuple[int, dict]]:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
+            return await asyncio.gather(*(one_stream(client, g.url + "/v1/chat/completions", i) for i in range(8)))
+
+    assert [status for status, _ in asyncio.run(again())] == [200] * 8
