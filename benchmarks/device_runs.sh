@@ -37,7 +37,7 @@ serve)
         --turns 3 --tokens 128 --offline \
         --profile /tmp/prof --worker-args "$W" > "$OUT/serve_multiturn.json"
     tar czf "$OUT/profiles.tgz" -C /tmp prof
-    python3 benchmarks/serve_multiturn.py --users 1,8 --turns 5 --tokens 32 --system-tokens 500 --rounds 3 --offline \
+    python3 benchmarks/serve_multiturn.py --users 1,8 --turns 5 --tokens 32 --system-tokens 500 --rounds 10 --offline \
         --worker-args "$W" > "$OUT/serve_sys500.json" ;;
 *)
     echo "usage: $0 engine|ablations|kernels|serve" >&2; exit 2 ;;
