@@ -29,3 +29,8 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """Whether repetition, presence or frequency penalties apply (sampling then reads past tokens)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)

@@ -79,9 +79,7 @@ class Sequence:
     def reads_tokens(self) -> bool:
         """Whether sampling reads this sequence's generated tokens on the host (penalties, a JSON
         constraint): then a step must not run before the previous step's tokens are back."""
-        p = self.params
-        return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty) \
-            or self.constraint is not None
+        return self.params.penalized or self.constraint is not None
 
     @property
     def num_uncomputed(self) -> int:

@@ -115,8 +115,7 @@ def sample_launch(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int
     """logits: [N, V] float32, one row per sequence that samples this step. Queues the sampling work."""
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
-    if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
-           for s in seqs):
+    if any(s.params.penalized for s in seqs):
         _apply_penalties(logits, seqs)
     for i, seq in enumerate(seqs):
         if seq.params.logit_bias:
