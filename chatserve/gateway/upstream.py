@@ -132,15 +132,15 @@ class Upstream:
                 batch, self._dispatch_queue = self._dispatch_queue, []
                 try:
                     outcomes = await self._dispatch_batch([r for r, _ in batch])
-                except ChatServeError as exc:
-                    outcomes = [exc] * len(batch)
+                except ChatServeError as exc:  # each waiter its own exception object (tracebacks stay apart)
+                    outcomes = [error_from_envelope(exc.status_code, exc.to_dict()) for _ in batch]
                 for (_, future), outcome in zip(batch, outcomes):
                     if future.done():  # its request was cancelled (client gone) meanwhile
                         continue
                     if isinstance(outcome, DispatchResponse):
                         future.set_result(outcome)
-                    else:  # each waiter its own exception object (tracebacks stay apart)
-                        future.set_exception(error_from_envelope(outcome.status_code, outcome.to_dict()))
+                    else:
+                        future.set_exception(outcome)
                 batch = []
         finally:
             self._dispatcher = None
