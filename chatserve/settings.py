@@ -109,6 +109,8 @@ class WorkerSettings(BaseSettings):
     model_name: str = field(default="", metadata={"help": "name served under ('' = from the path)"})
     context_length: int = field(default=2048, metadata={"help": "context window in tokens"})
     chat_template: str = field(default="", metadata={"help": "named template ('' = tokenizer's own, else family match)"})
+    tool_call_parser: str = field(default="", metadata={"help": "the format the model writes tool calls in: hermes, "
+                                                        "llama3_json or mistral ('' = from the chat template)"})
     lora: list[str] = field(default_factory=list, metadata={"help": "PEFT LoRA adapter folders merged into the weights at load (comma-separated, in order)"})
     quantize: str = field(default="", metadata={"help": "weight-only quantization: '', int8 or int4"})
     tensor_parallel: int = field(default=1, metadata={"help": "GPUs of this host one model is split across (heads and MLP)"})

@@ -46,10 +46,13 @@ from chatserve.protocol.internal import (
     TokenizeRequest,
     TokenizeResponse,
     TokenLogprobInfo,
+    ToolSpec,
     WorkerLoad,
     WorkerRegistration,
 )
+from chatserve.protocol.sampling import SamplingParams
 from chatserve.settings import WorkerSettings
+from chatserve.tools.grammar import json_schema_grammar, tool_grammar, validate
 from worker.async_engine import KEEPALIVE, AsyncEngine, EngineClient, EngineDeadError, QueueSlot
 from worker.engine.engine import LLMEngine, SeqOutput
 from worker.engine.model_runner import CacheConfig, ModelRunner
@@ -160,6 +163,8 @@ def warm_up(engine: LLMEngine) -> None:
     engine.add_request("warmup-b", prefix + [6, 7], params)  # cache hit on a's full blocks, a is decoding
     while engine.has_unfinished():
         engine.step()
+    if hasattr(engine.tokenizer, "backend_tokenizer"):
+        engine.guide()  # constrained decoding's vocabulary, so the first JSON or tool request does not wait
 
 
 def advertised_address(settings: WorkerSettings) -> str:
@@ -198,7 +203,8 @@ def build_app(settings: WorkerSettings) -> FastAPI:
             state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
             log.exception("worker start-up failed")
             return
-        state.loaded, state.renderer = loaded, PromptRenderer(loaded.tokenizer, loaded.name, settings.chat_template)
+        state.loaded, state.renderer = loaded, PromptRenderer(loaded.tokenizer, loaded.name, settings.chat_template,
+                                                       settings.tool_call_parser)
         # loading leaves millions of long-lived objects (modules, tokenizer tables): out of the collector's
         # reach from here on, so a full collection while serving does not walk them (a stall of every stream)
         gc.collect()
@@ -336,7 +342,8 @@ def build_app(settings: WorkerSettings) -> FastAPI:
         # the place is taken here, not when the stream starts: a burst's handlers run one after another
         # before any of their streams does, and would all pass the check above
         slot = QueueSlot(engine)
-        first = GenerateChunk(kind="start", prompt_tokens=len(prompt_ids), prompt_text=prompt_text if req.echo else None)
+        first = GenerateChunk(kind="start", prompt_tokens=len(prompt_ids), prompt_text=prompt_text if req.echo else None,
+                              tool_format=renderer.tool_format.name if req.tools else None)
 
         async def stream() -> AsyncIterator[bytes]:
             try:
@@ -366,21 +373,42 @@ def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
 
 
 def render_messages(renderer: PromptRenderer, messages: list[Any], template: str | None,
-                    add_generation_prompt: bool) -> Any:
+                    add_generation_prompt: bool, tools: ToolSpec | None = None) -> Any:
     try:
-        return renderer.render([m.model_dump() for m in messages], template, add_generation_prompt)
+        return renderer.render([m.model_dump() for m in messages], template, add_generation_prompt,
+                               tools.tools if tools else None)
     except KeyError as exc:
         raise BadRequestError(str(exc.args[0]), param="chat_template") from None
     except Exception as exc:  # noqa: BLE001 - a template that rejects the message order (jinja raise)
         raise BadRequestError(f"the chat template cannot render these messages: {exc}", param="messages") from None
 
 
+def grammar_for(req: GenerateRequest, params: SamplingParams, renderer: PromptRenderer) -> str | None:
+    """The grammar constrained decoding follows: tool calls in the model's format (tool_choice required or
+    named, auto with a strict tool), a response format, both (auto: a call or the reply format), or none."""
+    object_mode = params.response_format == "json_object"
+    schema = params.json_schema if params.response_format == "json_schema" else None
+    if req.tools is not None:
+        grammar = tool_grammar(renderer.tool_format, req.tools.tools, req.tools.choice, req.tools.parallel,
+                               schema, object_mode)
+        param = "tools"
+    elif object_mode or params.response_format == "json_schema":
+        grammar, param = json_schema_grammar(schema), "response_format"
+    else:
+        return None
+    error = validate(grammar) if grammar is not None else ""
+    if error:
+        raise BadRequestError(f"the output cannot be constrained as asked: {error}", param=param)
+    return grammar
+
+
 def prepare(req: GenerateRequest, loaded: LoadedModel, renderer: PromptRenderer) -> tuple[list[int], str, Any]:
     params = req.params.model_copy()
     if params.logit_bias:
         check_token_ids(list(params.logit_bias), len(loaded.tokenizer), "logit_bias")
+    params.grammar = grammar_for(req, params, renderer)
     if req.messages is not None:
-        r = render_messages(renderer, req.messages, req.chat_template, req.add_generation_prompt)
+        r = render_messages(renderer, req.messages, req.chat_template, req.add_generation_prompt, req.tools)
         ids, text = r.token_ids, r.text
         params.stop = list(dict.fromkeys([*params.stop, *r.stop]))
         params.stop_token_ids = list(dict.fromkeys([*params.stop_token_ids, *r.stop_token_ids]))

@@ -4,6 +4,12 @@ The tokenizer's own chat template wins unless a template is named (per worker or
 without one gets its family's template by name match, else the plain default (logged once, never a hidden
 few-shot example). Template stop strings that are single special tokens become stop token ids (special
 tokens never appear in detokenized text); the others stay stop strings.
+
+Tools: a chat template that takes `tools` (HF templates of Llama 3.1+, Qwen 2.5+, Mistral, Hermes
+fine-tunes) gets them, and the tool history, as it was trained to; any other template gets them written in
+the model's tool-call format (chatserve/tools/formats.py): the tool list in the system prompt, an
+assistant's calls as the text of the calls, tool results as a user turn. Either way turn N's prompt stays
+a prefix of turn N+1's.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatserve.conversation import DEFAULT_TEMPLATE, Template, TemplateRegistry
+from chatserve.protocol.chat import arguments_object
+from chatserve.tools.formats import ToolFormat, detect_format, get_format, template_takes_tools
 
 log = logging.getLogger("chatserve.worker")
 
@@ -25,8 +33,55 @@ class Rendered:
     stop_token_ids: list[int] = field(default_factory=list)
 
 
+def _calls(message: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"id": c.get("id"), "name": c["function"]["name"],
+             "arguments": arguments_object(c["function"]["arguments"])} for c in message.get("tool_calls") or []]
+
+
+def written_out(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                fmt: ToolFormat) -> list[dict[str, str]]:
+    """Messages with tools and tool history as plain {role, content} text in `fmt`, for a template that
+    knows only system, user and assistant turns."""
+    out: list[dict[str, str]] = []
+    if tools:
+        prompt = fmt.tools_prompt(tools)
+        if messages and messages[0]["role"] == "system":
+            out.append({"role": "system", "content": messages[0]["content"] + "\n\n" + prompt})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": prompt})
+    for m in messages:
+        if m["role"] == "tool":
+            text = fmt.render_result(m["content"])
+            if out and out[-1]["role"] == "user" and out[-1].get("tool"):
+                out[-1]["content"] += "\n" + text
+            else:
+                out.append({"role": "user", "content": text, "tool": "1"})
+        elif m["role"] == "assistant" and m.get("tool_calls"):
+            calls = fmt.render_calls(_calls(m))
+            out.append({"role": "assistant", "content": (m["content"] + "\n" if m["content"] else "") + calls})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return [{"role": m["role"], "content": m["content"]} for m in out]
+
+
+def for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as HF chat templates read them: tool calls with their arguments as objects, no null keys."""
+    out = []
+    for m in messages:
+        msg: dict[str, Any] = {"role": m["role"], "content": m["content"]}
+        if m.get("tool_calls"):
+            msg["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": c["arguments"]}} for c in _calls(m)]
+        for key in ("tool_call_id", "name"):
+            if m.get(key):
+                msg[key] = m[key]
+        out.append(msg)
+    return out
+
+
 class PromptRenderer:
-    def __init__(self, tokenizer: Any, model_name: str, template_name: str = ""):
+    def __init__(self, tokenizer: Any, model_name: str, template_name: str = "", tool_format: str = ""):
         self.tokenizer = tokenizer
         self.registry = TemplateRegistry.builtin()
         self.default: Template | None = None
@@ -38,20 +93,31 @@ class PromptRenderer:
                 self.default = self.registry.get(DEFAULT_TEMPLATE)
                 log.warning("model %s has no chat template and matches no family: using the plain %r template",
                             model_name, DEFAULT_TEMPLATE)
-        log.info("chat template: %s", self.default.name if self.default else "the tokenizer's own")
+        source = getattr(tokenizer, "chat_template", None) if self.default is None else None
+        source = source if isinstance(source, str) else None
+        self.native_tools = template_takes_tools(source)
+        self.tool_format = get_format(tool_format or detect_format(source, model_name))
+        log.info("chat template: %s; tool calls: %s format, %s", self.default.name if self.default else
+                 "the tokenizer's own", self.tool_format.name,
+                 "tools rendered by the template" if self.native_tools else "tools written into the prompt")
 
     @property
     def template_name(self) -> str:
         return self.default.name if self.default else "tokenizer"
 
-    def render(self, messages: list[dict[str, str]], template: str | None = None,
-               add_generation_prompt: bool = True) -> Rendered:
+    def render(self, messages: list[dict[str, Any]], template: str | None = None,
+               add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> Rendered:
         tpl = self.registry.get(template) if template else self.default
         if tpl is None:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+            if self.native_tools:
+                kwargs = {"tools": tools} if tools else {}
+                text = self.tokenizer.apply_chat_template(for_template(messages), tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt, **kwargs)
+            else:
+                text = self.tokenizer.apply_chat_template(written_out(messages, tools, self.tool_format),
+                                                          tokenize=False, add_generation_prompt=add_generation_prompt)
             return Rendered(text, self.encode(text), [], [])
-        text = tpl.render(messages, add_generation_prompt)
+        text = tpl.render(written_out(messages, tools, self.tool_format), add_generation_prompt)
         ids = self.encode(text)
         bos = getattr(self.tokenizer, "bos_token_id", None)
         if tpl.add_bos and bos is not None and (not ids or ids[0] != bos):

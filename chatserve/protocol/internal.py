@@ -105,8 +105,19 @@ class ModelsResponse(BaseModel):
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: [{id, type, function: {name, arguments}}]
+    tool_call_id: str | None = None  # tool: the call it answers
+    name: str | None = None  # tool: the function's name
+
+
+class ToolSpec(BaseModel):
+    """The tools of a chat request, as the worker renders them and constrains decoding to them."""
+
+    tools: list[dict[str, Any]]  # [{type: "function", function: {name, description, parameters, strict}}]
+    choice: Literal["auto", "required"] | dict[str, str] = "auto"  # or {"name": ...}
+    parallel: bool = True
 
 
 class GenerateRequest(BaseModel):
@@ -117,6 +128,7 @@ class GenerateRequest(BaseModel):
     prompt: str | None = None  # completion: raw text
     prompt_token_ids: list[int] | None = None  # completion: raw token ids
     chat_template: str | None = None
+    tools: ToolSpec | None = None
     add_generation_prompt: bool = True
     echo: bool = False
     params: SamplingParams = Field(default_factory=SamplingParams)
@@ -139,6 +151,7 @@ class GenerateChunk(BaseModel):
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[TokenLogprobInfo] | None = None
     finish_reason: Literal["stop", "length", "abort", "error"] | None = None
+    tool_format: str | None = None  # start event of a request with tools: the format its calls are written in
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0

@@ -1,17 +1,21 @@
-"""The public, OpenAI-compatible schema served by the gateway.
+"""The public, OpenAI-compatible schema: what chat and text completions share (sampling fields, the field
+policy, response formats, usage, logprobs) and the model list. Endpoint families have their own modules:
+`chat`, `completions`, `embeddings`.
 
 Request models refuse unknown fields (`extra="forbid"`), so a field the server does not honour is
-answered with a 400 that names it instead of being dropped silently (FastChat #2425, #3118). Each request
-converts itself to internal `SamplingParams` with `to_sampling_params()`.
+answered with a 400 that names it instead of being dropped silently (FastChat #2425, #3118). Fields that
+do not change what is generated (`store`, `metadata`, `service_tier`, `user`, ...) are accepted and
+ignored: the README's field policy lists them. Each request converts itself to internal `SamplingParams`
+with `to_sampling_params()`.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from chatserve.protocol.sampling import SamplingParams
 
@@ -28,44 +32,50 @@ def now() -> int:
 # requests
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-    def plain(self) -> dict[str, str]:
-        """`{role, content}` with text content; `developer` is the newer name of `system`."""
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # accepted: no obfuscation padding is sent
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(BaseModel):
-    """`json_object`: the reply is constrained, token by token, to a JSON object (json_schema is refused)."""
+    """`json_object`: the reply is a JSON object; `json_schema`: a JSON value of the given schema. Both are
+    enforced token by token (constrained decoding)."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["text", "json_object"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
+
+    def schema_or_none(self) -> dict[str, Any] | None:
+        if self.type != "json_schema" or self.json_schema is None:
+            return None
+        return self.json_schema.schema_ if self.json_schema.schema_ is not None else {}
 
 
-class _GenerationFields(BaseModel):
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch's generator seeds
+
+
+def refuse_unless_null(value: Any, what: str) -> Any:
+    if value is not None:
+        raise ValueError(f"{what} is not supported by this server")
+    return value
+
+
+class GenerationFields(BaseModel):
     """Fields shared by chat and text completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -78,10 +88,17 @@ class _GenerationFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    response_format: ResponseFormat | None = None
+    # accepted and ignored: they do not change what is generated
     user: str | None = Field(None, max_length=256)
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # extensions (vLLM names)
     top_k: int = Field(-1, ge=-1)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
@@ -136,62 +153,9 @@ class _GenerationFields(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            response_format=self.response_format.type if self.response_format else "text",
+            json_schema=self.response_format.schema_or_none() if self.response_format else None,
         )
-
-
-class ChatCompletionRequest(_GenerationFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
-    # extension: name a conversation template instead of the tokenizer's own
-    chat_template: str | None = None
-
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-    def requested_logprobs(self) -> int | None:
-        if not self.logprobs:
-            return None
-        return self.top_logprobs or 0
-
-
-class CompletionRequest(_GenerationFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
-    suffix: None = None
-
-    def prompts(self) -> list[str | list[int]]:
-        """The prompt field normalised to a list of prompts (each text or token ids)."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if not p:
-            return []
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
-
-
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1)
-    input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
-    user: str | None = Field(None, max_length=256)
-
-    def inputs(self) -> list[str] | list[list[int]]:
-        """The input field as a list of texts or of token-id lists."""
-        x = self.input
-        if isinstance(x, str):
-            return [x]
-        if x and all(isinstance(t, int) for t in x):
-            return [list(x)]  # type: ignore[list-item]
-        return list(x)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,7 +182,7 @@ class Usage(BaseModel):
         )
 
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "function_call", "abort", "error"]
 
 
 class TopLogprob(BaseModel):
@@ -235,74 +199,6 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: FinishReason | None = None
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    finish_reason: FinishReason | None = None
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: FinishReason | None = None
-    logprobs: CompletionLogprobs | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -314,22 +210,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-
-class EmbeddingData(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float] | str
-
-
-class EmbeddingUsage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class EmbeddingResponse(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[EmbeddingData]
-    model: str
-    usage: EmbeddingUsage

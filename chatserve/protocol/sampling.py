@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +24,10 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[int, float] | None = None
-    response_format: Literal["text", "json_object"] = "text"  # json_object: constrained to a JSON object
+    response_format: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None  # response_format json_schema: the schema
+    # set by the worker: the llguidance grammar the output is constrained to (response formats, tool calls)
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:

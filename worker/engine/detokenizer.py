@@ -32,9 +32,12 @@ class IncrementalDetokenizer:
             return new_text
         return ""
 
-    def flush(self, output_ids: list[int]) -> str:
-        """At the end of a sequence: whatever is left, replacement characters included."""
+    def flush(self, output_ids: list[int], cut: bool = False) -> str:
+        """At the end of a sequence: whatever is left. `cut` (the sequence ended by length, possibly inside
+        a multi-byte character): the text up to the last whole character, never a U+FFFD standing for the
+        part of one."""
         prefix_text = self.decode(output_ids[self.prefix_offset : self.read_offset])
         full_text = self.decode(output_ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(output_ids)
-        return full_text[len(prefix_text) :]
+        rest = full_text[len(prefix_text) :]
+        return rest.rstrip("\ufffd") if cut else rest

@@ -16,7 +16,7 @@ import torch
 
 from chatserve.protocol.sampling import SamplingParams
 from worker.engine.detokenizer import IncrementalDetokenizer
-from worker.engine.json_constraint import JsonConstraint, JsonGrammar
+from worker.engine.guided import Guide
 from worker.engine.kv_cache import BlockManager
 from worker.engine.model_runner import ModelRunner
 from worker.engine.request import PLACEHOLDER, Sequence
@@ -82,7 +82,7 @@ class LLMEngine:
         self.throughput = ThroughputMeter()
         self.last_step_decode_only = False
         self.inflight: PendingSample | None = None  # the step whose tokens are not read back yet
-        self._json_grammar: JsonGrammar | None = None
+        self._guide: Guide | None = None
         # running ahead (below) pays only where the device runs asynchronously: on a CPU the forward pass
         # blocks, so a step's tokens are read back at its end
         self.overlap = runner.device.type == "cuda"
@@ -102,17 +102,19 @@ class LLMEngine:
         seqs = []
         for i in range(n):
             seq = Sequence(request_id, i, list(prompt_token_ids), params)
-            if params.response_format == "json_object":
-                seq.constraint = JsonConstraint(self.json_grammar())
+            if params.grammar is not None:
+                seq.constraint = self.guide().constraint(params.grammar)
             self.tracked[seq.seq_id] = _Tracked(seq, IncrementalDetokenizer(self.tokenizer), StopChecker(params.stop))
             self.scheduler.add(seq)
             seqs.append(seq)
         self.by_request[request_id] = seqs
 
-    def json_grammar(self) -> JsonGrammar:
-        if self._json_grammar is None:  # built on first use (~0.5 s for a 50k vocabulary), then shared
-            self._json_grammar = JsonGrammar(self.tokenizer, self.eos_ids)
-        return self._json_grammar
+    def guide(self) -> Guide:
+        """Constrained decoding's view of the vocabulary: built once (~0.3 s at 49k tokens; the worker's
+        warm-up builds it before serving), shared by every constrained sequence."""
+        if self._guide is None:
+            self._guide = Guide(self.tokenizer, self.runner.cfg.vocab_size, self.eos_ids)
+        return self._guide
 
     def abort(self, request_id: str) -> None:
         """Drop a request at once and free its blocks (a client disconnected)."""
@@ -139,9 +141,11 @@ class LLMEngine:
     # between steps. A sequence found finished then (EOS, a stop string) has had one more token computed,
     # which is dropped; its blocks are freed at once (later steps are queued after that one). One that ends
     # by length whatever its token is (`final_pending`) gets no step. Where sampling reads a sequence's
-    # tokens on the host (penalties, JSON mode) or the runner cannot take tokens from the device (tensor
-    # parallelism), the previous step is read back first. Without `overlap` (CPU) every step is read back
-    # at its end.
+    # tokens on the host (penalties) or the runner cannot take tokens from the device (tensor parallelism),
+    # the previous step is read back first. A constrained sequence (a grammar) needs its last token for its
+    # mask, but not before sampling: its step is queued first, the previous step is read back while the
+    # device runs it, and the masks are computed then (guided.py), so constrained requests cost their
+    # neighbours no running ahead. Without `overlap` (CPU) every step is read back at its end.
 
     @torch.inference_mode()
     def step(self) -> list[SeqOutput]:
@@ -152,8 +156,12 @@ class LLMEngine:
         self.last_step_decode_only = batch.is_decode_only
         prev = self.inflight.tokens if self.inflight is not None else None
         logits, seqs = self.runner.execute(batch, prev)
-        queued = sample_launch(logits, seqs, self.eos_ids) if seqs else None
-        outputs += self._read_back()  # the previous step's tokens, while the device runs this one
+        guided = any(s.constraint is not None for s in seqs)
+        if guided:  # the masks need the previous step's tokens: read back while the device runs this step
+            outputs += self._read_back()
+        queued = sample_launch(logits, seqs, self.eos_ids, self._guide if guided else None) if seqs else None
+        if not guided:
+            outputs += self._read_back()  # the previous step's tokens, while the device runs this one
         self.scheduler.update(batch, {s.seq_id: PLACEHOLDER for s in seqs if not s.is_finished})
         live = 0
         for row, seq in enumerate(seqs):
@@ -203,7 +211,7 @@ class LLMEngine:
         tr = self.tracked[seq.seq_id]
         text = tr.detok.step(seq.output_token_ids)
         if reason is not None:
-            text += tr.detok.flush(seq.output_token_ids)
+            text += tr.detok.flush(seq.output_token_ids, cut=reason == "length")
         text = tr.stop.feed(text)
         if tr.stop.stopped:
             reason = "stop"

@@ -45,7 +45,7 @@ class Sequence:
     last_hash: int | None = None
     finish_reason: str | None = None
     generator: torch.Generator | None = None
-    constraint: Any = None  # e.g. a JsonConstraint: masks the tokens that may follow
+    constraint: Any = None  # a GrammarConstraint (guided.py): masks the tokens that may follow
     # Running ahead (engine.py): the last token may still be on the device, in row `pending_row` of the step
     # that sampled it, with PLACEHOLDER in token_ids until the engine reads it back; `final_pending`: that
     # token ends the sequence whatever it is (max_tokens, context), so no step runs for it.
@@ -56,7 +56,7 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         if self.params.seed is not None:
             g = torch.Generator()
-            g.manual_seed(self.params.seed + self.index)
+            g.manual_seed((self.params.seed + self.index) & 0xFFFF_FFFF_FFFF_FFFF)  # torch takes 64 bits
             self.generator = g
 
     @property
@@ -77,9 +77,10 @@ class Sequence:
 
     @property
     def reads_tokens(self) -> bool:
-        """Whether sampling reads this sequence's generated tokens on the host (penalties, a JSON
-        constraint): then a step must not run before the previous step's tokens are back."""
-        return self.params.penalized or self.constraint is not None
+        """Whether sampling reads this sequence's generated tokens on the host (penalties): then a step
+        must not run before the previous step's tokens are back. (A constraint reads them too, but only
+        after its step is queued: engine.py.)"""
+        return self.params.penalized
 
     @property
     def num_uncomputed(self) -> int:

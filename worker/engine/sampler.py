@@ -7,6 +7,7 @@ Rows are independent: each has its own parameters, and a seeded row draws from i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
 def _mask_eos(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> None:
     for i, seq in enumerate(seqs):
-        if seq.num_output_tokens < seq.params.min_tokens:  # ignore_eos keeps EOS samplable, as vLLM does
+        if seq.num_output_tokens < seq.params.min_tokens and seq.constraint is None:  # a grammar says when  # ignore_eos keeps EOS samplable, as vLLM does
             for eos in (*eos_ids, *seq.params.stop_token_ids):
                 if eos < logits.shape[1]:
                     logits[i, eos] = float("-inf")
@@ -107,12 +108,14 @@ def _launched(tokens: torch.Tensor, seqs: list[Sequence], raw_logprobs: torch.Te
     return PendingSample(tokens, seqs, host_tokens, host_logprobs, want_logprobs, ready)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[SampleResult]:
-    return sample_launch(logits, seqs, eos_ids).results()
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...], guide: Any = None) -> list[SampleResult]:
+    return sample_launch(logits, seqs, eos_ids, guide).results()
 
 
-def sample_launch(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> PendingSample:
-    """logits: [N, V] float32, one row per sequence that samples this step. Queues the sampling work."""
+def sample_launch(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...],
+                  guide: Any = None) -> PendingSample:
+    """logits: [N, V] float32, one row per sequence that samples this step. Queues the sampling work.
+    `guide` (worker/engine/guided.py) masks the rows of constrained sequences."""
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
     if any(s.params.penalized for s in seqs):
@@ -121,10 +124,8 @@ def sample_launch(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int
         if seq.params.logit_bias:
             ids = torch.tensor(list(seq.params.logit_bias), device=logits.device)
             logits[i, ids] += torch.tensor(list(seq.params.logit_bias.values()), device=logits.device)
-    for i, seq in enumerate(seqs):
-        if seq.constraint is not None:
-            allowed = seq.constraint.mask(seq.output_token_ids, logits.shape[1], logits.device)
-            logits[i].masked_fill_(~allowed, float("-inf"))
+    if guide is not None:
+        guide.mask_batch(logits, seqs)
     _mask_eos(logits, seqs, eos_ids)
 
     vocab = logits.shape[1]

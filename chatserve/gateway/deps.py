@@ -1,0 +1,60 @@
+"""Route dependencies and helpers every endpoint family uses: API-key auth and per-key limits (state on
+`app.state`, set by `build_app`), the stream-or-aggregate answer, unary worker calls with one retry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Depends, Request
+from fastapi.responses import StreamingResponse
+
+from chatserve.gateway.streams import Charge
+from chatserve.gateway.upstream import Upstream, WorkerUnreachable
+from chatserve.protocol.errors import ServiceUnavailableError
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# dependencies are coroutines: FastAPI runs a plain `def` one in a worker thread, two thread hops per
+# request for what takes microseconds
+async def auth(request: Request) -> str:
+    """The caller's identity for limits: its API key, or its address when no keys are set."""
+    ring = request.app.state.ring
+    if ring.enabled:
+        return ring.identify(request.headers.get("authorization", ""))
+    return "client:" + (request.client.host if request.client else "?")
+
+
+async def limited(request: Request, key: str = Depends(auth)) -> Charge:
+    """Admit a generation request under the caller's limits; returns how to charge its tokens."""
+    ring = request.app.state.ring
+    ring.admit(key)
+    return lambda tokens: ring.charge(key, tokens)
+
+
+async def respond(service: Any, body: Any, charge: Charge) -> Any:
+    """A streaming request gets SSE (the worker stream is opened first, so refusals keep their status);
+    the others get the aggregated response."""
+    if body.stream:
+        events = await service.stream(body, charge)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    return await service.complete(body, charge)
+
+
+def streaming(model: type) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI for a route answering JSON, or server-sent events when the request asks for a stream."""
+    return {200: {"model": model, "content": {"text/event-stream": {}}}}
+
+
+async def worker_call(request: Request, model: str, path: str, body: dict, timeout: float = 30.0) -> Any:
+    """A unary call to a worker of `model`, retried on another worker if the first is unreachable."""
+    upstream: Upstream = request.app.state.upstream
+    tried: list[str] = []
+    for _ in range(2):
+        worker = await upstream.dispatch(model, None, tried)
+        try:
+            return await upstream.worker_call(worker, path, body, timeout)
+        except WorkerUnreachable:
+            tried.append(worker.worker_id)
+            await upstream.report_failure(worker.worker_id)
+    raise ServiceUnavailableError(f"no reachable worker for model '{model}'")

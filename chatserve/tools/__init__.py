@@ -1,0 +1,1 @@
+"""Tool calling: the named formats models write calls in (prompting, grammars, parsers)."""
