@@ -96,3 +96,28 @@ def run(engine: LLMEngine, arrivals: dict[int, list[tuple[str, list[int], int]]]
 @pytest.fixture(scope="module")
 def hf_model() -> LlamaForCausalLM:
     return tiny_hf()
+
+
+def byte_bpe_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer (every byte a token, a few merges, EOS id 0) trained in memory on JSON-ish
+    text: what constrained decoding needs from a tokenizer, at a tiny model's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ['{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
+              '<tool_call>\n{"name": "search", "arguments": {"query": "llama"}}\n</tool_call>',
+              "The capital of France is Paris. true false null 0123456789 [1, 2, 3]"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def prompts_for(count: int, seed: int = 0, lo: int = 4, hi: int = 24, vocab: int = 300) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(count)]

@@ -15,13 +15,8 @@ from chatserve.protocol.errors import (
     error_from_envelope,
 )
 from chatserve.protocol.internal import GenerateChunk, GenerateRequest, Message
-from chatserve.protocol.openai import (
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    CompletionRequest,
-    DeltaMessage,
-)
+from chatserve.protocol.chat import ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, DeltaMessage
+from chatserve.protocol.completions import CompletionRequest
 
 
 def test_chat_request_converts_to_sampling_params():
@@ -40,7 +35,9 @@ def test_text_parts_and_developer_role_become_plain_messages():
 
 
 @pytest.mark.parametrize("field,value", [("temperature", 3), ("top_p", 0), ("n", 0), ("max_tokens", 0),
-                                         ("presence_penalty", 5), ("tools", []), ("stop", ["a"] * 5)])
+                                         ("presence_penalty", 5), ("stop", ["a"] * 5),
+                                         ("seed", 2**64), ("audio", {"voice": "alloy"}),
+                                         ("modalities", ["audio"]), ("web_search_options", {})])
 def test_chat_request_refuses_bad_or_unsupported_fields(field, value):
     with pytest.raises(ValidationError):
         ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], **{field: value})
