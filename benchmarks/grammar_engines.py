@@ -249,11 +249,30 @@ def handwritten(tok: Any) -> dict[str, Any]:
                                                      "p99": round(pct(mask_us, 0.99), 1)}}
 
 
+def gpu_apply(tok: Any, rows: int = 8, reps: int = 200) -> float:
+    """The device side of a step's masks: the bitmask of `rows` sequences copied up and applied to their
+    logits rows (worker/engine/guided.py), per step, in microseconds."""
+    from worker.engine.guided import Guide
+
+    guide = Guide(tok, len(tok), (tok.eos_token_id,))
+    logits = torch.randn(32, len(tok), device="cuda")
+    bitmask = torch.randint(-2**31, 2**31 - 1, (rows, guide.words), dtype=torch.int32).pin_memory()
+    for _ in range(10):
+        guide.apply(logits, list(range(rows)), bitmask)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        guide.apply(logits, list(range(rows)), bitmask)
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - t0) / reps * 1e6, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bpe-dir", default="/tmp/bpe128k", help="the ~128k tokenizer (built here if missing)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engines", default="llguidance,xgrammar")
+    ap.add_argument("--no-embedded", action="store_true", help="only the ~128k tokenizer (no embedded model here)")
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -261,12 +280,15 @@ def main() -> None:
     from worker.loader import embedded_model_path
 
     torch.set_num_threads(1)
-    p = embedded_model_path()
     if not Path(a.bpe_dir, "tokenizer.json").exists():
         build(a.bpe_dir)
-    tokenizers = {"smollm2_49k": AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name),
-                  "bpe_128k": AutoTokenizer.from_pretrained(a.bpe_dir)}
-    out: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "schemas": len(SCHEMAS),
+    tokenizers = {}
+    if not a.no_embedded:
+        p = embedded_model_path()
+        tokenizers["smollm2_49k"] = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    tokenizers["bpe_128k"] = AutoTokenizer.from_pretrained(a.bpe_dir)
+    machine = torch.cuda.get_device_name() + " host" if torch.cuda.is_available() else "CPU"
+    out: dict[str, Any] = {"machine": f"{machine} ({platform.machine()})", "schemas": len(SCHEMAS),
                            "rounds": a.rounds, "results": {}}
     for tname, tok in tokenizers.items():
         res: dict[str, Any] = {"vocab": len(tok)}
@@ -274,6 +296,8 @@ def main() -> None:
             if cls.name in a.engines.split(","):
                 res[cls.name] = measure(cls(tok), a.rounds)
         res["handwritten_json_object"] = handwritten(tok)
+        if torch.cuda.is_available():
+            res["mask_apply_on_gpu_us"] = gpu_apply(tok)
         out["results"][tname] = res
     print(json.dumps(out, indent=2))
 

@@ -69,48 +69,35 @@ def test_gpu_embeddings_equal_transformers_mean_pooling(hf_gpu):
         torch.testing.assert_close(vec, ref, atol=2e-4, rtol=2e-4)
 
 
-class JsonPieces:
-    """A 32000-token vocabulary of JSON-ish pieces (the rest special), decoding pieces back to text."""
-
-    def __init__(self):
-        base = ["{", "}", "[", "]", '"', ":", ",", " ", "\n", "true", "false", "null", "-", ".", "e", '{"', '":',
-                '",', '"}', "\\", "\\n", "\\u00e9"] + list("0123456789abcdefghijklmnopqrstuvwxyz") + ["name", "age"]
-        self.pieces = ["<s>", "</s>"] + base + [f"<unused{i}>" for i in range(32000 - 2 - len(base))]
-        self.all_special_ids = [0, 1] + list(range(2 + len(base), 32000))
-
-    def get_vocab(self):
-        return {p: i for i, p in enumerate(self.pieces)}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(self.pieces[i] for i in ids if i not in (0, 1))
-
-
-def test_gpu_json_object_mode_keeps_random_weights_to_json():
+def test_gpu_constrained_json_runs_ahead_and_leaves_neighbours_untouched():
+    """Constrained decoding on the device in its running-ahead mode (masks computed after the step is
+    queued, applied on the device): sampled JSON follows the schema, unconstrained neighbours match a run
+    without it."""
     import json
 
-    from worker.engine.engine import LLMEngine
-    from worker.engine.json_constraint import INITIAL, feed
+    import jsonschema
 
-    hf = tiny_hf(seed=5, **MID).cuda().to(torch.bfloat16)
-    base = engine_for(hf, block_size=16, budget=512)
-    engine = LLMEngine(base.runner, JsonPieces(), max_num_seqs=16, max_batched_tokens=512)
-    engine.eos_ids = (1,)
+    from chatserve.tools.grammar import json_schema_grammar
+    from tests.engine.conftest import byte_bpe_tokenizer, prompts_for
+    from tests.engine.test_guided import SCHEMA, make_engine, texts
+
     from chatserve.protocol.sampling import SamplingParams
 
-    for i, p in enumerate(prompts(6, 8, 5, 50)):
-        engine.add_request(f"j{i}", p, SamplingParams(max_tokens=64, temperature=1.0, seed=i,
-                                                       response_format="json_object"))
-    texts, reasons = {}, {}
-    while engine.has_unfinished():
-        for o in engine.step():
-            texts[o.request_id] = texts.get(o.request_id, "") + o.text
-            if o.finished:
-                reasons[o.request_id] = o.finish_reason
-    assert len(reasons) == 8
-    for rid, text in texts.items():
-        assert feed(INITIAL, text.encode()) is not None, text
-        if reasons[rid] == "stop":
-            assert isinstance(json.loads(text), dict)
+    hf, tok = tiny_hf(seed=5).cuda(), byte_bpe_tokenizer()
+    ps = prompts_for(16, seed=3)
+    free = [(f"f{i}", p, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)) for i, p in enumerate(ps[:8])]
+    alone = texts(make_engine(hf, tok, overlap=True), free)
+    guided = [(f"j{i}", p, SamplingParams(max_tokens=200, temperature=1.0, seed=i, grammar=json_schema_grammar(SCHEMA)))
+              for i, p in enumerate(ps[8:])]
+    engine = make_engine(hf, tok, overlap=True)
+    assert engine.runner.graphs and engine.overlap
+    mixed = texts(engine, free + guided)
+    for rid, _, _ in free:
+        assert mixed[rid] == alone[rid]
+    for rid, _, _ in guided:
+        text, reason = mixed[rid]
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), SCHEMA)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
