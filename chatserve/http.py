@@ -8,8 +8,11 @@ that carries no stack trace and no internal address (the detail goes to the log)
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import math
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -113,6 +116,49 @@ def require_secret(secret: str) -> Callable[[Request], Awaitable[None]]:
         check_secret(request, secret)
 
     return dependency
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname: it may resolve to anything
+
+
+NO_SECRET = ("chatserve {service}: refusing to listen on {host} without an internal secret: anyone who reaches "
+             "the port could {what}. Give every service of the deployment the same secret with "
+             "--internal-secret-file FILE or CHATSERVE_INTERNAL_SECRET (make one with `openssl rand -hex 24` or "
+             "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`), or bind to 127.0.0.1. "
+             "--insecure-open-internal-plane serves it open anyway.")
+WHAT = {"controller": "register a worker and receive users' prompts, or drop real workers",
+        "worker": "call /generate past API keys, rate limits and the max_tokens cap",
+        "gateway": "point it at any worker address"}
+
+
+def guard_internal_plane(settings: Any, service: str) -> None:
+    """Read the secret from its file, and refuse a non-loopback bind without one (SystemExit with how to fix
+    it), unless --insecure-open-internal-plane: then warn now and every minute."""
+    if settings.internal_secret_file:
+        try:
+            settings.internal_secret = open(settings.internal_secret_file, encoding="utf-8").read().strip()
+        except OSError as exc:
+            raise SystemExit(f"chatserve {service}: cannot read --internal-secret-file: {exc}") from None
+        if not settings.internal_secret:
+            raise SystemExit(f"chatserve {service}: the internal secret file {settings.internal_secret_file} is empty")
+    if settings.internal_secret or is_loopback(settings.host):
+        return
+    if not settings.insecure_open_internal_plane:
+        raise SystemExit(NO_SECRET.format(service=service, host=settings.host, what=WHAT.get(service, "call it")))
+
+    def nag() -> None:
+        while True:
+            log.warning("the internal plane of this %s is OPEN on %s (--insecure-open-internal-plane): anyone who "
+                        "reaches it can %s", service, settings.host, WHAT.get(service, "call it"))
+            time.sleep(60)
+
+    threading.Thread(target=nag, name="insecure-plane-warning", daemon=True).start()
 
 
 def secret_headers(secret: str) -> dict[str, str]:

@@ -88,18 +88,32 @@ def _convert(hint: Any, raw: str, name: str) -> Any:
 
 
 @dataclass
-class ControllerSettings(BaseSettings):
+class InternalPlaneSettings(BaseSettings):
+    """A service of the internal plane (controller, worker, gateway): calls between them carry a shared
+    secret. Bound to anything but loopback, a service refuses to start without one (chatserve/http.py
+    `guard_internal_plane`)."""
+
+    internal_secret: str = field(default="", metadata={"help": "shared secret of the internal plane (prefer "
+                                                       "--internal-secret-file: a flag shows in ps)"})
+    internal_secret_file: str = field(default="", metadata={"help": "file holding the internal secret (Docker and "
+                                                            "Kubernetes secrets)"})
+    insecure_open_internal_plane: bool = field(default=False, metadata={"help": "serve a non-loopback address with "
+                                                                        "no secret (anyone reaching the port can "
+                                                                        "register workers or read prompts)"})
+
+
+@dataclass
+class ControllerSettings(InternalPlaneSettings):
     """The controller: worker registry and dispatch."""
 
     port: int = 21001
     heartbeat_expiry: float = field(default=10.0, metadata={"help": "seconds without heartbeat before a worker is dropped"})
     expiry_check_interval: float = field(default=1.0, metadata={"help": "seconds between expiry sweeps"})
     dispatch_policy: str = field(default="least_loaded", metadata={"help": "least_loaded or random"})
-    internal_secret: str = field(default="", metadata={"help": "shared secret of the internal plane ('' = open)"})
 
 
 @dataclass
-class WorkerSettings(BaseSettings):
+class WorkerSettings(InternalPlaneSettings):
     """A model worker: one model, a continuous-batching engine, registered with the controller."""
 
     port: int = 21002
@@ -130,11 +144,10 @@ class WorkerSettings(BaseSettings):
     heartbeat_interval: float = field(default=3.0, metadata={"help": "seconds between heartbeats"})
     max_queue_length: int = field(default=512, metadata={"help": "requests queued before 429"})
     keepalive_interval: float = field(default=1.0, metadata={"help": "seconds between keepalives on a quiet stream"})
-    internal_secret: str = field(default="", metadata={"help": "shared secret of the internal plane ('' = open)"})
 
 
 @dataclass
-class GatewaySettings(BaseSettings):
+class GatewaySettings(InternalPlaneSettings):
     """The OpenAI-compatible API gateway."""
 
     port: int = 8000
@@ -144,7 +157,6 @@ class GatewaySettings(BaseSettings):
     api_keys_file: str = field(default="", metadata={"help": "file of API keys, one per line: KEY [rpm=N] [tpm=N]"})
     rate_limit_rpm: int = field(default=0, metadata={"help": "requests per minute per key (0 = unlimited)"})
     rate_limit_tpm: int = field(default=0, metadata={"help": "tokens per minute per key (0 = unlimited)"})
-    internal_secret: str = field(default="", metadata={"help": "shared secret of the internal plane"})
     max_tokens_cap: int = field(default=4096, metadata={"help": "largest max_tokens accepted"})
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest request body"})
     worker_stall_timeout: float = field(default=10.0, metadata={"help": "seconds without any event from a worker (tokens or keepalives) before its stream counts as failed"})

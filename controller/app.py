@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from chatserve.http import install_error_handlers, require_secret, serve, setup_logging
+from chatserve.http import guard_internal_plane, install_error_handlers, require_secret, serve, setup_logging
 from chatserve.protocol.errors import ChatServeError, NotFoundError, ServiceUnavailableError
 from chatserve.protocol.internal import (
     ControllerStatus,
@@ -139,4 +139,5 @@ def build_app(settings: ControllerSettings) -> FastAPI:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = ControllerSettings.from_args(argv, prog="chatserve controller")
     setup_logging(settings.log_level)
+    guard_internal_plane(settings, "controller")
     serve(build_app(settings), settings.host, settings.port, settings.log_level)

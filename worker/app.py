@@ -27,7 +27,14 @@ import torch
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from chatserve.http import install_error_handlers, require_secret, secret_headers, serve, setup_logging
+from chatserve.http import (
+    guard_internal_plane,
+    install_error_handlers,
+    require_secret,
+    secret_headers,
+    serve,
+    setup_logging,
+)
 from chatserve.protocol.errors import (
     BadRequestError,
     ContextLengthError,
@@ -466,5 +473,6 @@ def to_chunk(out: SeqOutput, tokenizer: Any) -> GenerateChunk:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = WorkerSettings.from_args(argv, prog="chatserve worker")
     setup_logging(settings.log_level)
+    guard_internal_plane(settings, "worker")
     serve(build_app(settings), settings.host, settings.port, settings.log_level)
 

@@ -49,28 +49,40 @@ def _args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-def up(argv: Sequence[str]) -> None:
-    a = _args(argv)
+def child_specs(a: argparse.Namespace) -> list[tuple[str, list[str], dict[str, str], str]]:
+    """(name, argv, environment, health URL) of each process `up` starts. Keys and the internal secret go
+    by environment, never in argv: `ps` shows every user a process's arguments."""
     host = a.host
     controller = f"http://{host}:{a.controller_port}"
     gateway = f"http://{host}:{a.gateway_port}"
     py = [sys.executable, "-m", "chatserve.cli.main"]
     # the internal plane (register, dispatch, generate) is closed to everyone but these processes
-    os.environ.setdefault("CHATSERVE_INTERNAL_SECRET", secrets.token_urlsafe(24))
+    secret = {"CHATSERVE_INTERNAL_SECRET": os.environ.get("CHATSERVE_INTERNAL_SECRET") or secrets.token_urlsafe(24)}
     specs = [
-        ("controller", [*py, "controller", "--host", host, "--port", str(a.controller_port)], f"{controller}/health"),
+        ("controller", [*py, "controller", "--host", host, "--port", str(a.controller_port)], secret,
+         f"{controller}/health"),
         ("worker", [*py, "worker", "--host", host, "--port", str(a.worker_port), "--controller-url", controller,
                     "--model-path", a.model_path, "--model-name", a.model_name, "--context-length", a.context_length],
-         f"http://{host}:{a.worker_port}/health"),
+         secret, f"http://{host}:{a.worker_port}/health"),
         ("gateway", [*py, "gateway", "--host", host, "--port", str(a.gateway_port), "--controller-url", controller,
-                     "--api-keys", a.api_key, "--api-keys-file", a.api_keys_file], f"{gateway}/health"),
+                     "--api-keys-file", a.api_keys_file], {**secret, "CHATSERVE_API_KEYS": a.api_key},
+         f"{gateway}/health"),
     ]
     if not a.no_webui:
         ui_key = a.api_key.split(",")[0]
         if not ui_key and a.api_keys_file:
             ui_key = next(iter(parse_key_file(a.api_keys_file)), "")
         specs.append(("webui", [*py, "webui", "--host", host, "--port", str(a.webui_port), "--api-url",
-                                f"{gateway}/v1", "--api-key", ui_key], f"http://{host}:{a.webui_port}/"))
+                                f"{gateway}/v1"], {"CHATSERVE_API_KEY": ui_key}, f"http://{host}:{a.webui_port}/"))
+    return specs
+
+
+def up(argv: Sequence[str]) -> None:
+    a = _args(argv)
+    host = a.host
+    controller = f"http://{host}:{a.controller_port}"
+    gateway = f"http://{host}:{a.gateway_port}"
+    specs = child_specs(a)
     children: list[Child] = []
 
     def stop(*_: object) -> None:
@@ -78,8 +90,8 @@ def up(argv: Sequence[str]) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        for name, cmd, health in specs:
-            children.append(Child(name, subprocess.Popen(cmd), health))
+        for name, cmd, env, health in specs:
+            children.append(Child(name, subprocess.Popen(cmd, env={**os.environ, **env}), health))
         print(f"chatserve: starting {', '.join(c.name for c in children)} (the model loads first; this can take a minute)",
               flush=True)
         model = _wait_ready(children, a.startup_timeout)

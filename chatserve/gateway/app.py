@@ -18,7 +18,7 @@ from chatserve.gateway import chat, completions, embeddings, models, ops
 from chatserve.gateway.limits import KeyPolicy, KeyRing, parse_key_file
 from chatserve.gateway.metrics import GatewayMetrics
 from chatserve.gateway.upstream import ClientShards, Upstream
-from chatserve.http import error_response, install_error_handlers, serve, setup_logging
+from chatserve.http import error_response, guard_internal_plane, install_error_handlers, serve, setup_logging
 from chatserve.protocol.errors import ErrorResponse, RequestTooLargeError
 from chatserve.settings import GatewaySettings
 
@@ -100,4 +100,5 @@ def build_app(settings: GatewaySettings) -> FastAPI:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = GatewaySettings.from_args(argv, prog="chatserve gateway")
     setup_logging(settings.log_level)
+    guard_internal_plane(settings, "gateway")
     serve(build_app(settings), settings.host, settings.port, settings.log_level)

@@ -21,7 +21,12 @@ from chatserve.gateway.streams import (
     relay,
     resolve_max_tokens,
 )
-from chatserve.protocol.completions import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from chatserve.protocol.completions import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from chatserve.protocol.errors import BadRequestError
 from chatserve.protocol.internal import GenerateChunk, GenerateRequest
 from chatserve.protocol.openai import Usage, new_id, now

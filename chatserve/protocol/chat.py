@@ -14,7 +14,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from chatserve.protocol.internal import Message
-from chatserve.protocol.openai import ChoiceLogprobs, FinishReason, GenerationFields, Usage, refuse_unless_null
+from chatserve.protocol.openai import (
+    ChoiceLogprobs,
+    FinishReason,
+    GenerationFields,
+    Usage,
+    refuse_unless_null,
+)
 
 # --- messages ---------------------------------------------------------------------------------------------
 

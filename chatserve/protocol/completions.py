@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from chatserve.protocol.openai import FinishReason, Usage, GenerationFields
+from chatserve.protocol.openai import FinishReason, GenerationFields, Usage
 
 
 class CompletionRequest(GenerationFields):

@@ -77,11 +77,10 @@ def test_gpu_constrained_json_runs_ahead_and_leaves_neighbours_untouched():
 
     import jsonschema
 
+    from chatserve.protocol.sampling import SamplingParams
     from chatserve.tools.grammar import json_schema_grammar
     from tests.engine.conftest import byte_bpe_tokenizer, prompts_for
     from tests.engine.test_guided import SCHEMA, make_engine, texts
-
-    from chatserve.protocol.sampling import SamplingParams
 
     hf, tok = tiny_hf(seed=5).cuda(), byte_bpe_tokenizer()
     ps = prompts_for(16, seed=3)

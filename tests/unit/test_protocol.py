@@ -7,6 +7,8 @@ from pydantic import ValidationError
 
 from chatserve.gateway.sse import sse_data, sse_done, sse_error
 from chatserve.http import install_error_handlers
+from chatserve.protocol.chat import ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, DeltaMessage
+from chatserve.protocol.completions import CompletionRequest
 from chatserve.protocol.errors import (
     ContextLengthError,
     NotFoundError,
@@ -15,8 +17,6 @@ from chatserve.protocol.errors import (
     error_from_envelope,
 )
 from chatserve.protocol.internal import GenerateChunk, GenerateRequest, Message
-from chatserve.protocol.chat import ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, DeltaMessage
-from chatserve.protocol.completions import CompletionRequest
 
 
 def test_chat_request_converts_to_sampling_params():
