@@ -29,9 +29,11 @@ KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v
 
 
 class BodyLimitAndCount:
-    """Refuses a body over the limit (by its Content-Length) and counts requests by route and status, as a
-    plain ASGI middleware: Starlette's BaseHTTPMiddleware (what `@app.middleware` builds) passes every chunk
-    of a streamed response through a memory stream and a task of its own."""
+    """Refuses a body over the limit and counts requests by route and status, as a plain ASGI middleware:
+    Starlette's BaseHTTPMiddleware (what `@app.middleware` builds) passes every chunk of a streamed response
+    through a memory stream and a task of its own. A body with a Content-Length is judged by it; one sent
+    without (chunked) is counted as it arrives and refused the moment it passes the limit, nothing read
+    past it (then handed on whole: every route reads its JSON body whole anyway)."""
 
     def __init__(self, app: Any, limit: int, metrics: GatewayMetrics):
         self.app, self.limit, self.metrics = app, limit, metrics
@@ -49,12 +51,44 @@ class BodyLimitAndCount:
             await response(scope, receive, send)
             return
 
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            chunks, total = [], 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                total += len(chunks[-1])
+                if total > self.limit:
+                    response = error_response(RequestTooLargeError(
+                        f"request body exceeds the limit of {self.limit} bytes"))
+                    self.metrics.requests.labels(route, str(response.status_code)).inc()
+                    await response(scope, receive, send)
+                    return
+                if not message.get("more_body"):
+                    break
+            receive = _replay(b"".join(chunks), receive)
+
         async def counted(message: dict) -> None:
             if message["type"] == "http.response.start":
                 self.metrics.requests.labels(route, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counted)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that hands over a body already read, then defers to the real one (disconnects)."""
+    sent = False
+
+    async def replayed() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 def build_app(settings: GatewaySettings) -> FastAPI:
