@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from chatserve.gateway.deps import Charge, limited, respond, streaming
+from chatserve.gateway.deps import Charge, auth, isolate_cache, limited, respond, streaming
 from chatserve.gateway.sse import sse_data, sse_json
 from chatserve.gateway.streams import (
     SYSTEM_FINGERPRINT,
@@ -55,7 +55,9 @@ router = APIRouter()
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=streaming(ChatCompletionResponse))
-async def chat_completions(body: ChatCompletionRequest, request: Request, charge: Charge = Depends(limited)) -> Any:
+async def chat_completions(body: ChatCompletionRequest, request: Request, charge: Charge = Depends(limited),
+                           caller: str = Depends(auth)) -> Any:
+    isolate_cache(request, body, caller)
     return await respond(request.app.state.chat, body, charge)
 
 

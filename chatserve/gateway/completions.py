@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from chatserve.gateway.deps import Charge, limited, respond, streaming
+from chatserve.gateway.deps import Charge, auth, isolate_cache, limited, respond, streaming
 from chatserve.gateway.sse import sse_data
 from chatserve.gateway.streams import (
     SYSTEM_FINGERPRINT,
@@ -35,7 +35,9 @@ router = APIRouter()
 
 
 @router.post("/v1/completions", response_model=None, responses=streaming(CompletionResponse))
-async def completions(body: CompletionRequest, request: Request, charge: Charge = Depends(limited)) -> Any:
+async def completions(body: CompletionRequest, request: Request, charge: Charge = Depends(limited),
+                      caller: str = Depends(auth)) -> Any:
+    isolate_cache(request, body, caller)
     return await respond(request.app.state.completions, body, charge)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from fastapi import Depends, Request
@@ -30,6 +31,14 @@ async def limited(request: Request, key: str = Depends(auth)) -> Charge:
     ring = request.app.state.ring
     ring.admit(key)
     return lambda tokens: ring.charge(key, tokens)
+
+
+def isolate_cache(request: Request, body: Any, caller: str) -> None:
+    """--isolate-prefix-cache-per-key: the caller's identity salts its prompts' cache (with the request's
+    own salt), so no key's requests reuse, or can time, another key's cached prompts."""
+    if request.app.state.settings.isolate_prefix_cache_per_key:
+        tenant = hashlib.sha256(caller.encode()).hexdigest()[:32]
+        body.cache_salt = tenant + "/" + (body.cache_salt or "")
 
 
 async def respond(service: Any, body: Any, charge: Charge) -> Any:

@@ -106,6 +106,7 @@ class GenerationFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)  # prompts of other salts share no cache
 
     @field_validator("logit_bias")
     @classmethod
@@ -153,6 +154,7 @@ class GenerationFields(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            cache_salt=self.cache_salt,
             response_format=self.response_format.type if self.response_format else "text",
             json_schema=self.response_format.schema_or_none() if self.response_format else None,
         )

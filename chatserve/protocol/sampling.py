@@ -26,6 +26,8 @@ class SamplingParams(BaseModel):
     logit_bias: dict[int, float] | None = None
     response_format: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: dict[str, Any] | None = None  # response_format json_schema: the schema
+    # prompts of different salts share no prefix-cache blocks (per request, or per API key: the gateway)
+    cache_salt: str | None = Field(None, max_length=256)
     # set by the worker: the llguidance grammar the output is constrained to (response formats, tool calls)
     grammar: str | None = None
 

@@ -15,9 +15,9 @@ def seq(tokens, max_tokens=4, **kw) -> Sequence:
     return Sequence("r", 0, list(tokens), SamplingParams(max_tokens=max_tokens, temperature=0, **kw))
 
 
-def run_and_free(bm: BlockManager, tokens) -> list[int]:
+def run_and_free(bm: BlockManager, tokens, **kw) -> list[int]:
     """A sequence that computed all its tokens and ended; returns the blocks it held."""
-    s = seq(tokens)
+    s = seq(tokens, **kw)
     bm.allocate(s)
     table = list(s.block_table)
     s.num_computed_tokens = s.num_tokens
@@ -34,6 +34,28 @@ def test_prefix_blocks_are_reused_by_a_later_sequence():
     # two full blocks by hash, then a's partly filled third block (8, 9) taken over as it is
     assert b.num_cached_tokens == 10 and b.num_computed_tokens == 10
     assert bm.hit_tokens == 10 and b.block_table[:3] == a_table[:3]
+
+
+def test_cache_salts_keep_prefixes_apart_full_blocks_and_tails_alike():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    run_and_free(bm, range(10), cache_salt="tenant-a")
+    for salt, cached in (("tenant-b", 0), (None, 0), ("tenant-a", 10)):
+        other = seq([*range(10), 99], cache_salt=salt)
+        bm.allocate(other)
+        assert other.num_cached_tokens == cached, salt
+        bm.free_seq(other)
+
+
+def test_block_keys_are_sha256_chains():
+    import hashlib
+    from array import array
+
+    from worker.engine.kv_cache import chain_hash
+    from worker.engine.request import root_hash
+
+    root = root_hash(None)
+    assert chain_hash(root, (1, 2)) == hashlib.sha256(root + array("q", [1, 2]).tobytes()).digest()
+    assert root_hash("x") != root and chain_hash(root, (1, 2)) != chain_hash(root_hash("x"), (1, 2))
 
 
 def test_a_kept_tail_is_taken_over_only_as_far_as_the_tokens_agree():

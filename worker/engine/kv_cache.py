@@ -3,7 +3,11 @@
 The cache is `num_blocks` fixed-size blocks. A sequence's `block_table` lists the blocks that hold its
 tokens in order. A *full* block is keyed by a chained hash of (previous block's hash, its token ids), so
 a block's key names the whole prefix up to it: a new turn of a conversation finds its history's blocks
-by hash and prefills only the new tokens.
+by hash and prefills only the new tokens. The hash is SHA-256 (Python's `hash` of a tuple can be made to
+collide on purpose, and a collision hands one prompt another's KV: vLLM's CVE-2025-25183), and every
+chain starts from its sequence's root: the hash of its `cache_salt` (per request, or per API key with the
+gateway's --isolate-prefix-cache-per-key), so prompts of different salts never share a block and one
+tenant cannot probe another's cached prompts through `cached_tokens` or timing.
 
 A block with ref_count 0 stays in the cache (with its hash) on an LRU free list until it is reused for
 other tokens: only then is its hash forgotten. Invariant: every block is either referenced (ref > 0) or in
@@ -18,6 +22,8 @@ after the tokens it has in common, not the whole partial block again. With 16-to
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -28,14 +34,15 @@ from worker.engine.request import Sequence
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
     token_ids: tuple[int, ...] = ()
-    tail_parent: int | None = None  # set while the block is a kept partial tail (with is_tail)
+    tail_parent: bytes | None = None  # set while the block is a kept partial tail (with is_tail)
     is_tail: bool = False
 
 
-def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((prev, tokens))
+def chain_hash(prev: bytes, tokens: tuple[int, ...]) -> bytes:
+    return hashlib.sha256(prev + array("q", tokens).tobytes()).digest()
+
 
 
 @dataclass
@@ -45,8 +52,8 @@ class BlockManager:
     enable_prefix_caching: bool = True
     blocks: list[Block] = field(init=False)
     free: OrderedDict[int, None] = field(init=False)  # LRU order: first = least recently freed
-    by_hash: dict[int, int] = field(init=False)
-    tails: dict[int | None, dict[int, None]] = field(init=False)  # hash of the block before -> tail blocks
+    by_hash: dict[bytes, int] = field(init=False)
+    tails: dict[bytes, dict[int, None]] = field(init=False)  # hash of the block before (or root) -> tail blocks
     # statistics (prefix-cache queries and hits, in tokens)
     query_tokens: int = 0
     hit_tokens: int = 0
@@ -88,7 +95,7 @@ class BlockManager:
                 del self.tails[block.tail_parent]
             block.is_tail, block.tail_parent, block.token_ids = False, None, ()
 
-    def _matching_tail(self, seq: Sequence, parent: int | None, start: int) -> tuple[int, int]:
+    def _matching_tail(self, seq: Sequence, parent: bytes | None, start: int) -> tuple[int, int]:
         """The kept tail filed under `parent` sharing the most tokens with seq from position `start`:
         (block id, tokens in common), leaving >= 1 token of seq to compute; (-1, 0) if none."""
         best, best_m = -1, 0
@@ -109,7 +116,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        prev: int | None = None
+        prev = seq.cache_root
         bs = self.block_size
         for start in range(0, seq.num_tokens - 1 - bs + 1, bs):
             tokens = tuple(seq.token_ids[start : start + bs])
@@ -138,7 +145,7 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
         seq.num_hashed_blocks = len(hits)
-        seq.last_hash = self.blocks[hits[-1]].hash if hits else None
+        seq.last_hash = self.blocks[hits[-1]].hash if hits else seq.cache_root
         computed = len(hits) * self.block_size
         tail, common = self._matching_tail(seq, seq.last_hash, computed) if self.enable_prefix_caching else (-1, 0)
         if common:  # take the kept tail over: its first `common` slots already hold these tokens
@@ -170,7 +177,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        prev = seq.last_hash
+        prev = seq.last_hash if seq.last_hash is not None else seq.cache_root
         for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):  # only newly filled blocks
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
@@ -207,7 +214,7 @@ class BlockManager:
         block = self.blocks[seq.block_table[k]]
         if block.ref_count != 1 or block.hash is not None:
             return
-        parent = self.blocks[seq.block_table[k - 1]].hash if k else None
+        parent = self.blocks[seq.block_table[k - 1]].hash if k else seq.cache_root
         block.is_tail, block.tail_parent = True, parent
         block.token_ids = tuple(seq.token_ids[k * bs : computed])
         self.tails.setdefault(parent, {})[block.block_id] = None

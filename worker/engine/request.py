@@ -8,6 +8,7 @@ its last token.
 from __future__ import annotations
 
 import enum
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,11 @@ from typing import Any
 import torch
 
 from chatserve.protocol.sampling import SamplingParams
+
+
+def root_hash(salt: str | None) -> bytes:
+    """Where a sequence's chain of prefix-cache block hashes starts: the same for all without a salt."""
+    return hashlib.sha256(b"chatserve-prefix-cache\0" + (salt or "").encode()).digest()
 
 
 class SeqStatus(enum.Enum):
@@ -42,7 +48,8 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     cached_counted: bool = False
     num_hashed_blocks: int = 0  # leading blocks of block_table whose hashes are registered
-    last_hash: int | None = None
+    last_hash: bytes | None = None
+    cache_root: bytes = b""  # where this sequence's chain of block hashes starts (its cache salt's hash)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     constraint: Any = None  # a GrammarConstraint (guided.py): masks the tokens that may follow
@@ -54,6 +61,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
+        self.cache_root = root_hash(self.params.cache_salt)
         if self.params.seed is not None:
             g = torch.Generator()
             g.manual_seed((self.params.seed + self.index) & 0xFFFF_FFFF_FFFF_FFFF)  # torch takes 64 bits
