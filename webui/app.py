@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from chatserve.http import setup_logging
 from chatserve.settings import WebUISettings
 from webui import callbacks, export, ratings
+from webui.auth import Logins, add_user, read_auth_file
 from webui.callbacks import Battle, ChatParams, History
 from webui.client import GatewayClient, Reply
 from webui.store import Store
@@ -30,20 +31,14 @@ FEEDBACK = ("Like", "Dislike", "Flag")
 LEADERBOARD_COLUMNS = ["rank", "model", "Bradley-Terry", "95% CI", "online Elo", "battles", "win rate"]
 
 
-def read_auth_file(path: str) -> dict[str, str]:
-    """USER:PASSWORD per line ('#' comments); a malformed line stops the UI with its line number."""
-    users: dict[str, str] = {}
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        user, sep, password = line.partition(":")
-        if not sep or not user.strip() or not password:
-            raise SystemExit(f"{path}:{n}: expected USER:PASSWORD")
-        users[user.strip()] = password
-    if not users:
-        raise SystemExit(f"{path}: no users")
-    return users
+def masked_url(url: Any) -> str:
+    """A database URL fit for a log line: its password, if any, as ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(str(url)).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL: say nothing of it
+        return "<database>"
 
 
 def owner_of(uid: str | None, request: gr.Request | None) -> str:
@@ -366,15 +361,17 @@ def build_demo(settings: WebUISettings, store: Store | None = None) -> gr.Blocks
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    if argv and list(argv)[:1] == ["add-user"]:
+        add_user(list(argv)[1:])
+        return
     settings = WebUISettings.from_args(argv, prog="chatserve webui")
     setup_logging(settings.log_level)
     store = Store(settings.database)
-    log.info("conversations stored in %s", store.url)
+    log.info("conversations stored in %s", masked_url(store.url))
     demo = build_demo(settings, store)
     auth = None
     if settings.auth_file:
-        users = read_auth_file(settings.auth_file)
-        auth = lambda u, p: users.get(u) is not None and callbacks.constant_time_equal(users[u], p)
+        auth = Logins(read_auth_file(settings.auth_file))
     demo.queue(default_concurrency_limit=32).launch(server_name=settings.host, server_port=settings.port,
                                                     show_error=True, share=False, quiet=True, auth=auth,
                                                     auth_message="Log in to chatserve" if auth else None)

@@ -9,7 +9,6 @@ and never stored, so a message's stored position is its index among the other me
 from __future__ import annotations
 
 import asyncio
-import hmac
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -392,7 +391,3 @@ def status_rows(status: dict[str, Any]) -> list[list[Any]]:
                      round(load.get("tokens_per_second", 0.0), 1), f"{100 * load.get('prefix_cache_hit_rate', 0.0):.0f}%",
                      round(w.get("last_heartbeat_age_s", 0.0), 1)])
     return rows
-
-
-def constant_time_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())

@@ -388,7 +388,9 @@ def login(browser, url: str, user: str, password: str):
 
 def test_login_separates_users_histories(browser, platform, request, tmp_path):
     users = tmp_path / "users.txt"
-    users.write_text("# chatserve users\nalice:wonderland\nbob:builder\n")
+    from webui.auth import HASHER
+
+    users.write_text(f"# chatserve users\nalice:{HASHER.hash('wonderland')}\nbob:{HASHER.hash('builder')}\n")
     db = tmp_path / "auth.sqlite3"
     ui = procs.webui(platform.api_url, "--database", str(db), "--auth-file", str(users)).start()
     request.node.services = [ui]

@@ -145,13 +145,57 @@ def test_status_rows():
     assert callbacks.status_rows(st) == [["w1", "http://h:1", "m", 3, 2, 1, "25.0%", 16384, 51.3, "50%", 0.4]]
 
 
-def test_auth_file(tmp_path):
+def test_auth_file_holds_hashes_and_refuses_plaintext(tmp_path):
+    from webui.auth import HASHER
+
     f = tmp_path / "users"
-    f.write_text("# team\nalice:s3cret:with:colons\n\nbob:pw\n")
-    assert read_auth_file(str(f)) == {"alice": "s3cret:with:colons", "bob": "pw"}
+    h = HASHER.hash("s3cret:with:colons")
+    f.write_text(f"# team\nalice:{h}\n\n")
+    assert read_auth_file(str(f)) == {"alice": h}
     f.write_text("carol\n")
-    with pytest.raises(SystemExit, match=":1: expected USER:PASSWORD"):
+    with pytest.raises(SystemExit, match=":1: expected USER:HASH"):
         read_auth_file(str(f))
+    f.write_text("bob:builder\n")
+    with pytest.raises(SystemExit, match="plain text.*chatserve webui add-user bob"):
+        read_auth_file(str(f))
+
+
+def test_repeated_failures_lock_a_user_out_for_a_while():
+    from webui.auth import HASHER, Logins
+
+    now = [0.0]
+    logins = Logins({"alice": HASHER.hash("wonderland")}, clock=lambda: now[0])
+    assert logins("alice", "wonderland")
+    for _ in range(5):
+        assert not logins("alice", "guess")
+    assert not logins("alice", "wonderland")  # locked: even the right password is refused
+    now[0] += 1.5
+    assert logins("alice", "wonderland")  # the lock ran out
+    assert not logins("nobody", "x")
+
+
+def test_add_user_stores_a_hash_read_from_stdin(tmp_path):
+    import subprocess
+    import sys
+
+    from webui.auth import HASHER
+
+    f = tmp_path / "users"
+    f.write_text("bob:" + HASHER.hash("builder-pw") + "\n")
+    for pw in ("first-password", "second-password"):  # the second replaces the first
+        out = subprocess.run([sys.executable, "-m", "chatserve.cli.main", "webui", "add-user", "alice", "--auth-file",
+                              str(f)], input=pw + "\n", capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    users = read_auth_file(str(f))
+    assert set(users) == {"alice", "bob"} and "second-password" not in f.read_text()
+    assert HASHER.verify(users["alice"], "second-password")
+
+
+def test_database_urls_are_logged_without_their_password():
+    from webui.app import masked_url
+
+    assert masked_url("postgresql+psycopg://chat:hunter2@db/chatserve") == "postgresql+psycopg://chat:***@db/chatserve"
+    assert "hunter2" not in masked_url("postgresql://u:hunter2@h:5432/x")
 
 
 # --- storage -----------------------------------------------------------------------------------------------
