@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, Request
@@ -26,11 +27,20 @@ async def auth(request: Request) -> str:
     return "client:" + (request.client.host if request.client else "?")
 
 
-async def limited(request: Request, key: str = Depends(auth)) -> Charge:
-    """Admit a generation request under the caller's limits; returns how to charge its tokens."""
+Admit = Callable[[int], Charge]
+
+
+async def limited(request: Request, key: str = Depends(auth)) -> Admit:
+    """How to admit a request under the caller's limits: called with the tokens to reserve (its
+    max_tokens), it counts the request (429 when over a limit) and returns how to settle its tokens."""
     ring = request.app.state.ring
-    ring.admit(key)
-    return lambda tokens: ring.charge(key, tokens)
+    return lambda reserve: ring.admit(key, reserve)
+
+
+def reserve_of(body: Any, cap: int) -> int:
+    """The completion tokens a generation request may use: what it asks for (or the cap), times n."""
+    asked = body.requested_max_tokens() if hasattr(body, "requested_max_tokens") else body.max_tokens
+    return min(asked or cap, cap) * body.n
 
 
 def isolate_cache(request: Request, body: Any, caller: str) -> None:
@@ -43,11 +53,16 @@ def isolate_cache(request: Request, body: Any, caller: str) -> None:
 
 async def respond(service: Any, body: Any, charge: Charge) -> Any:
     """A streaming request gets SSE (the worker stream is opened first, so refusals keep their status);
-    the others get the aggregated response."""
-    if body.stream:
-        events = await service.stream(body, charge)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    return await service.complete(body, charge)
+    the others get the aggregated response. A request refused before it ran gives its token reservation
+    back (`charge(0)`; a stream that ran has settled it already)."""
+    try:
+        if body.stream:
+            events = await service.stream(body, charge)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return await service.complete(body, charge)
+    except BaseException:
+        charge(0)
+        raise
 
 
 def streaming(model: type) -> dict[int | str, dict[str, Any]]:

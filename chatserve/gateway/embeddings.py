@@ -7,7 +7,7 @@ import base64
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 
-from chatserve.gateway.deps import Charge, limited, worker_call
+from chatserve.gateway.deps import Admit, limited, worker_call
 from chatserve.protocol.embeddings import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from chatserve.protocol.errors import BadRequestError
 from chatserve.protocol.internal import EmbedResponse
@@ -30,7 +30,8 @@ def encode_embedding(b64: str, dimensions: int | None, encoding_format: str) -> 
 
 
 @router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request, charge: Charge = Depends(limited)) -> EmbeddingResponse:
+async def embeddings(body: EmbeddingRequest, request: Request, admit: Admit = Depends(limited)) -> EmbeddingResponse:
+    charge = admit(0)
     inputs = body.inputs()
     if not inputs or any(len(x) == 0 for x in inputs):
         raise BadRequestError("input must be a non-empty string, or a non-empty list of non-empty strings "

@@ -3,8 +3,10 @@
 Keys come from `--api-keys`/`CHATSERVE_API_KEYS` and from `--api-keys-file`, one key per line with
 optional limits (`KEY rpm=60 tpm=20000`; `#` starts a comment). A request is matched against every key in
 constant time. Limits are sliding one-minute windows per key (per client address when no keys are set):
-requests are counted when admitted, tokens (prompt + completion) when a response finishes; a request
-that arrives over either limit gets 429 with `Retry-After` saying when the window frees up.
+requests are counted when admitted; tokens are reserved when admitted (the request's max_tokens, at most
+the whole limit) and settled to what the response used (prompt + completion) when it ends, so a burst of
+long requests cannot pass a tokens-per-minute limit before any of them has finished. A request that
+arrives over either limit gets 429 with `Retry-After` saying when the window frees up.
 """
 
 from __future__ import annotations
@@ -45,17 +47,32 @@ def parse_key_file(path: str | Path) -> dict[str, KeyPolicy]:
     return keys
 
 
+@dataclass(slots=True)
+class _Tokens:
+    at: float
+    count: int
+    live: bool = True  # still inside the window
+
+
 @dataclass
 class _Window:
     requests: deque[float] = field(default_factory=deque)
-    tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    tokens: deque[_Tokens] = field(default_factory=deque)
     token_sum: int = 0
 
     def trim(self, now: float) -> None:
         while self.requests and now - self.requests[0] >= WINDOW_S:
             self.requests.popleft()
-        while self.tokens and now - self.tokens[0][0] >= WINDOW_S:
-            self.token_sum -= self.tokens.popleft()[1]
+        while self.tokens and now - self.tokens[0].at >= WINDOW_S:
+            gone = self.tokens.popleft()
+            gone.live = False
+            self.token_sum -= gone.count
+
+    def add(self, at: float, count: int) -> _Tokens:
+        entry = _Tokens(at, count)
+        self.tokens.append(entry)
+        self.token_sum += count
+        return entry
 
 
 @dataclass
@@ -90,11 +107,12 @@ class KeyRing:
             return self.default
         return KeyPolicy(own.rpm or self.default.rpm, own.tpm or self.default.tpm)
 
-    def admit(self, key: str) -> None:
-        """Count one request for `key`, or raise 429 if it is over its request or token limit."""
+    def admit(self, key: str, reserve: int = 0) -> Callable[[int], None]:
+        """Count one request for `key` and reserve `reserve` tokens for it, or raise 429 if that would pass
+        its request or token limit. Returns how to settle the reservation to the tokens used (once)."""
         policy = self.policy(key)
         if not (policy.rpm or policy.tpm):
-            return
+            return _unlimited
         now = self.clock()
         if len(self._windows) > MAX_TRACKED and key not in self._windows:
             self._forget_idle(now)
@@ -103,10 +121,31 @@ class KeyRing:
         if policy.rpm and len(w.requests) >= policy.rpm:
             raise RateLimitError(f"Rate limit reached: {policy.rpm} requests per minute.",
                                  retry_after=WINDOW_S - (now - w.requests[0]), code="rate_limit_exceeded")
-        if policy.tpm and w.token_sum >= policy.tpm:
-            raise RateLimitError(f"Rate limit reached: {policy.tpm} tokens per minute.",
-                                 retry_after=WINDOW_S - (now - w.tokens[0][0]), code="rate_limit_exceeded")
+        held = min(max(reserve, 1), policy.tpm) if policy.tpm else 0
+        if policy.tpm and w.token_sum + held > policy.tpm:
+            raise RateLimitError(f"Rate limit reached: {policy.tpm} tokens per minute ({w.token_sum} used or "
+                                 f"reserved, {held} asked for).",
+                                 retry_after=WINDOW_S - (now - w.tokens[0].at) if w.tokens else 1.0,
+                                 code="rate_limit_exceeded")
         w.requests.append(now)
+        if not policy.tpm:
+            return _unlimited
+        entry = w.add(now, held)
+        settled = False
+
+        def settle(tokens: int) -> None:
+            """The first call replaces the reservation with the tokens used; later ones (the other prompts
+            of one completions request) add theirs."""
+            nonlocal settled
+            w.trim(self.clock())
+            if not settled and entry.live:
+                w.token_sum += tokens - entry.count
+                entry.count = tokens
+            elif tokens > 0:  # a later part, or the reservation has left the window: counts from now
+                w.add(self.clock(), tokens)
+            settled = True
+
+        return settle
 
     def _forget_idle(self, now: float) -> None:
         """Drop the windows that hold nothing any more (many one-off client addresses)."""
@@ -115,9 +154,7 @@ class KeyRing:
             if not w.requests and not w.tokens:
                 del self._windows[key]
 
-    def charge(self, key: str, tokens: int) -> None:
-        if not self.policy(key).tpm or tokens <= 0:
-            return
-        w = self._windows.setdefault(key, _Window())
-        w.tokens.append((self.clock(), tokens))
-        w.token_sum += tokens
+
+
+def _unlimited(tokens: int) -> None:  # noqa: ARG001 - nothing to settle
+    return None

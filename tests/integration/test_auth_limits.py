@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def keyed_gateway(platform, request, tmp_path_factory) -> Iterator[procs.Service]:
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
-    key_file.write_text("# team keys\nslow-key rpm=2   # two requests a minute\nthrifty-key tpm=30\n\n")
+    key_file.write_text("# team keys\nslow-key rpm=2   # two requests a minute\nthrifty-key tpm=30\n"
+                        "burst-key tpm=100\n")
     yield from procs.extra_gateway(platform, request, "--api-keys", "key-one,key-two", "--max-body-bytes", "4000",
                              "--max-tokens-cap", "64", "--api-keys-file", str(key_file),
                              "--cors-origins", "https://chat.example.org")
@@ -79,3 +80,20 @@ def test_cors_admits_only_the_configured_origin_without_credentials(keyed_gatewa
     assert "access-control-allow-credentials" not in ok.headers
     bad = preflight("https://evil.example.com")
     assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers
+
+
+def test_a_burst_of_long_requests_cannot_pass_a_token_limit(keyed_gateway, platform):
+    """Tokens are reserved at admission (max_tokens), so requests sent together are held to the limit
+    before any has finished: 100 tokens a minute admit one 60-token request, not three."""
+    import concurrent.futures
+
+    body = {"model": platform.model, "max_tokens": 60, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Tell me a long story."}]}
+
+    def send(_):
+        return httpx.post(keyed_gateway.url + "/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": "Bearer burst-key"}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        codes = sorted(pool.map(send, range(3)))
+    assert codes == [200, 429, 429], codes

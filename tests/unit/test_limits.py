@@ -46,17 +46,40 @@ def test_request_limit_slides_with_the_clock():
     ring.admit("k")
 
 
-def test_token_limit_uses_charged_tokens_and_the_default_policy_applies_to_plain_keys():
+def test_token_limit_uses_settled_tokens_and_the_default_policy_applies_to_plain_keys():
     clock = Clock()
     ring = KeyRing({"k": KeyPolicy(), "own": KeyPolicy(tpm=1000)}, default=KeyPolicy(tpm=100), clock=clock)
-    ring.admit("k")
-    ring.charge("k", 120)
+    ring.admit("k")(120)
     with pytest.raises(RateLimitError, match="100 tokens per minute"):
         ring.admit("k")
-    ring.charge("own", 120)
+    ring.admit("own")(120)
     ring.admit("own")  # its own, larger limit
     clock.t += 60
     ring.admit("k")
+
+
+def test_a_burst_of_long_requests_is_held_to_the_limit_by_reservations():
+    clock = Clock()
+    ring = KeyRing({"k": KeyPolicy(tpm=1000)}, clock=clock)
+    settles = [ring.admit("k", reserve=300) for _ in range(3)]  # 900 reserved, none finished yet
+    with pytest.raises(RateLimitError, match="900 used or reserved, 300 asked for"):
+        ring.admit("k", reserve=300)
+    settles[0](50)  # finished with fewer tokens than it reserved: the rest comes back at once
+    settles[1](0)  # refused upstream: all of it back
+    ring.admit("k", reserve=300)
+    ring.admit("k", reserve=350)  # 50 + 300 + 300 + 350: the minute is full
+    with pytest.raises(RateLimitError):
+        ring.admit("k", reserve=1)
+    clock.t += 61
+    ring.admit("k", reserve=5000)  # more than the limit: held at the whole limit, so it can still run alone
+
+
+def test_later_parts_of_one_request_add_their_tokens():
+    ring = KeyRing({"k": KeyPolicy(tpm=1000)}, clock=Clock())
+    settle = ring.admit("k", reserve=100)
+    settle(40)
+    settle(40)  # the second prompt of a completions request
+    assert ring._windows["k"].token_sum == 80
 
 
 def test_idle_windows_are_forgotten_when_many_clients_came_and_went(monkeypatch):
