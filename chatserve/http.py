@@ -165,11 +165,39 @@ def secret_headers(secret: str) -> dict[str, str]:
     return {SECRET_HEADER: secret} if secret else {}
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info",
+          before_exit: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run the app under uvicorn. `before_exit`: awaited when SIGTERM or SIGINT first arrives, before the
+    server stops (a worker drains its streams there); a second signal stops at once."""
+    import asyncio
+
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
-                timeout_graceful_shutdown=5)
+    class Server(uvicorn.Server):
+        draining = False
+
+        async def startup(self, sockets: Any = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if before_exit is None or self.draining or not hasattr(self, "loop"):
+                super().handle_exit(sig, frame)
+                return
+            self.draining = True
+            log.info("signal %s: finishing before exit", sig)
+
+            async def then_exit() -> None:
+                try:
+                    await before_exit()
+                finally:
+                    self.should_exit = True  # a clean stop: exit 0 (uvicorn re-raises signals it handled itself)
+
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(then_exit()))
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
+                            timeout_graceful_shutdown=5)
+    Server(config).run()
 
 
 def setup_logging(level: str) -> None:

@@ -143,6 +143,8 @@ class WorkerSettings(InternalPlaneSettings):
                                                           "apart from HTTP: auto (on with a GPU), on or off"})
     heartbeat_interval: float = field(default=3.0, metadata={"help": "seconds between heartbeats"})
     max_queue_length: int = field(default=512, metadata={"help": "requests queued before 429"})
+    drain_timeout: float = field(default=30.0, metadata={"help": "seconds a stopping worker lets its running "
+                                                         "streams finish (after deregistering)"})
     keepalive_interval: float = field(default=1.0, metadata={"help": "seconds between keepalives on a quiet stream"})
 
 

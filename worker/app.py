@@ -95,8 +95,11 @@ class WorkerState:
     engine: EngineClient | None = None
     renderer: PromptRenderer | None = None
     registered: bool = False
+    draining: bool = False  # told to stop: deregistered, takes no new request, finishes the running ones
 
     def require_ready(self) -> tuple[LoadedModel, EngineClient, PromptRenderer]:
+        if self.draining:
+            raise ServiceUnavailableError("worker is draining (shutting down)")
         if self.status != "ready" or not self.loaded or not self.engine or not self.renderer:
             raise ServiceUnavailableError(f"worker is {self.status}")
         if self.engine.dead:
@@ -267,30 +270,48 @@ def build_app(settings: WorkerSettings) -> FastAPI:
         except httpx.HTTPError:
             log.warning("could not deregister (controller unreachable)")
 
+    tasks: list[asyncio.Task] = []
+
+    async def drain() -> None:
+        """Told to stop (SIGTERM, `docker stop`, a rolling update): leave the controller first, so the gateway
+        sends new requests elsewhere, refuse new ones (503: the gateway retries them on another worker),
+        let the running streams finish for up to --drain-timeout seconds; then the server shuts down."""
+        state.draining = True
+        for t in tasks:
+            t.cancel()  # the heartbeat loop: it would register again
+        await deregister()
+        state.registered = False
+        deadline = time.monotonic() + settings.drain_timeout
+        while state.engine is not None and state.engine.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        left = state.engine.pending if state.engine is not None else 0
+        log.info("drained: %s", f"{left} requests still running at the timeout" if left else "no request running")
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(startup())
+        tasks.append(asyncio.create_task(startup()))
         yield
-        task.cancel()
+        for t in tasks:
+            t.cancel()
         await deregister()
         if state.engine is not None:
             state.engine.stop()
 
     app = FastAPI(title="chatserve worker", lifespan=lifespan)
-    app.state.worker = state
+    app.state.worker, app.state.drain = state, drain
     install_error_handlers(app)
 
     internal = require_secret(settings.internal_secret)
 
     @app.get("/health")
     async def health() -> Any:
-        body = {"status": state.status, "worker_id": state.worker_id,
+        body = {"status": "draining" if state.draining else state.status, "worker_id": state.worker_id,
                 "model": state.loaded.name if state.loaded else None, "registered": state.registered}
         if state.status == "failed":
             body["error"] = state.error
         elif state.engine and state.engine.dead:
             body["error"] = state.engine.dead
-        if state.status != "ready" or (state.engine and state.engine.dead):
+        if state.status != "ready" or state.draining or (state.engine and state.engine.dead):
             return JSONResponse(body, status_code=503)
         return body
 
@@ -474,5 +495,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = WorkerSettings.from_args(argv, prog="chatserve worker")
     setup_logging(settings.log_level)
     guard_internal_plane(settings, "worker")
-    serve(build_app(settings), settings.host, settings.port, settings.log_level)
+    app = build_app(settings)
+    serve(app, settings.host, settings.port, settings.log_level, before_exit=app.state.drain)
 
