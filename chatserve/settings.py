@@ -165,6 +165,8 @@ class GatewaySettings(InternalPlaneSettings):
     worker_cache_ttl: float = field(default=10.0, metadata={"help": "seconds a known worker address is reused while the controller is down"})
     cors_origins: list[str] = field(default_factory=list, metadata={"help": "allowed CORS origins"})
     metrics_open: bool = field(default=False, metadata={"help": "serve /metrics without an API key"})
+    show_topology: bool = field(default=False, metadata={"help": "/status names the workers' addresses, hosts "
+                                                         "and pids (else numbered, without addresses)"})
     isolate_prefix_cache_per_key: bool = field(default=False, metadata={"help": "requests of different API keys "
                                                                         "share no prefix-cache blocks"})
 

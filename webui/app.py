@@ -252,7 +252,7 @@ def build_demo(settings: WebUISettings, store: Store | None = None) -> gr.Blocks
                         with gr.Row():
                             model = gr.Dropdown(label="Model", choices=[], interactive=True, elem_id="model", scale=4)
                             refresh = gr.Button("Refresh models", scale=1, elem_id="refresh")
-                        chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=480, feedback_options=FEEDBACK,
+                        chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=480, feedback_options=FEEDBACK, sanitize_html=True,
                                              buttons=["copy"])
                         with gr.Row():
                             box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
@@ -281,10 +281,10 @@ def build_demo(settings: WebUISettings, store: Store | None = None) -> gr.Blocks
                 with gr.Row():
                     with gr.Column():
                         name_a = gr.Markdown("### Model A", elem_id="arena_name_a")
-                        chat_a = gr.Chatbot(elem_id="arena_a", height=380, show_label=False)
+                        chat_a = gr.Chatbot(elem_id="arena_a", height=380, show_label=False, sanitize_html=True)
                     with gr.Column():
                         name_b = gr.Markdown("### Model B", elem_id="arena_name_b")
-                        chat_b = gr.Chatbot(elem_id="arena_b", height=380, show_label=False)
+                        chat_b = gr.Chatbot(elem_id="arena_b", height=380, show_label=False, sanitize_html=True)
                 with gr.Row():
                     arena_box = gr.Textbox(placeholder="Ask both models", show_label=False, scale=6,
                                            elem_id="arena_input")

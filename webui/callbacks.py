@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,18 @@ def text_of(content: Any) -> str:
     if isinstance(content, (list, tuple)):
         return "".join(text_of(c) for c in content)
     return str(content)
+
+
+_MD_IMAGE = re.compile(r"!\[([^\]]*)\](\(|\[)")
+_HTML_IMAGE = re.compile(r"<(img|image|picture|source|video|audio|iframe)\b", re.IGNORECASE)
+
+
+def no_remote_images(text: str) -> str:
+    """A model's reply as the chat shows it: Markdown images become links and image-like HTML tags text,
+    so the browser fetches nothing a reply names (a prompt-injected reply could otherwise leak the chat
+    through an image URL's query string). The link stays visible and clickable."""
+    text = _MD_IMAGE.sub(lambda m: f"[image: {m.group(1) or 'link'}]{m.group(2)}", text)
+    return _HTML_IMAGE.sub(lambda m: "&lt;" + m.group(1), text)
 
 
 def is_notice(m: dict[str, Any]) -> bool:
@@ -221,11 +234,11 @@ async def stream_reply(client: GatewayClient, history: History, p: ChatParams,
     history.append({"role": "assistant", "content": ""})
     try:
         async for _ in client.stream_chat(p.model, messages, p.temperature, p.top_p, max_tokens, reply):
-            history[-1] = {"role": "assistant", "content": reply.text}
+            history[-1] = {"role": "assistant", "content": no_remote_images(reply.text)}
             yield history
     except (openai.APIError, httpx.HTTPError, OSError) as exc:
         if reply.text:
-            history[-1] = {"role": "assistant", "content": reply.text}
+            history[-1] = {"role": "assistant", "content": no_remote_images(reply.text)}
             history.append(notice(error_text(exc)[2:].strip()))
         else:
             history[-1] = {"role": "assistant", "content": error_text(exc)}
@@ -271,7 +284,8 @@ def load_chat(store: Store, owner: str, conv_id: str | None) -> tuple[History, s
     conv = store.get_conversation(conv_id, owner) if conv_id else None
     if conv is None:
         return [], None, None
-    history = [{"role": m.role, "content": m.content} for m in conv.messages]
+    history = [{"role": m.role, "content": no_remote_images(m.content) if m.role == "assistant" else m.content}
+               for m in conv.messages]
     params = conv.params or {}
     return history, conv.id, ChatParams(conv.model, conv.system_prompt, float(params.get("temperature", 0.7)),
                                         float(params.get("top_p", 1.0)), int(params.get("max_tokens", 512)))

@@ -38,6 +38,18 @@ async def health(request: Request) -> Any:
     return {"status": "ok", "models": [m.name for m in models.models]}
 
 
+def redacted(status: dict[str, Any]) -> dict[str, Any]:
+    """The workers' view without the internal topology: no addresses, and the worker ids (host, port and
+    pid) replaced by a number; what an operator watches (models, queues, cache, throughput) stays."""
+    workers = []
+    for i, w in enumerate(sorted(status.get("workers", []), key=lambda w: w.get("worker_id", "")), start=1):
+        workers.append({**{k: v for k, v in w.items() if k not in ("worker_id", "address")}, "worker_id": f"worker-{i}",
+                        "address": ""})
+    return {**status, "workers": workers}
+
+
 @router.get("/status", dependencies=[Depends(auth)])
 async def status(request: Request) -> Any:
-    return await request.app.state.upstream.status()
+    """The workers behind this gateway; their addresses and ids only with --show-topology."""
+    full = await request.app.state.upstream.status()
+    return full if request.app.state.settings.show_topology else redacted(full)

@@ -102,3 +102,18 @@ def test_the_insecure_flag_serves_open_and_says_so():
         assert "internal plane of this controller is OPEN" in c.logs()
     finally:
         c.stop()
+
+
+def test_status_hides_the_topology_unless_asked(stack):
+    hidden = httpx.get(stack["gateway"].url + "/status").json()["workers"]
+    assert [(w["worker_id"], w["address"]) for w in hidden] == [("worker-1", "")]
+    assert hidden[0]["models"] == ["SmolLM2-135M-Instruct"] and "queue_length" in hidden[0]["load"]
+    g = procs.gateway(stack["controller"].url, "--show-topology", "true")
+    g.env["CHATSERVE_INTERNAL_SECRET"] = SECRET
+    g.start()
+    try:
+        g.wait(ok=procs.gateway_has_models)
+        shown = httpx.get(g.url + "/status").json()["workers"]
+        assert shown[0]["address"] == stack["worker"].url
+    finally:
+        g.stop()

