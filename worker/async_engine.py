@@ -239,14 +239,20 @@ class AsyncEngine(EngineClient):
                     self._deliver(request_id, exc)
             elif cmd == "abort":
                 self.engine.abort(arg)
-            elif cmd == "embed":
+            elif cmd == "embed":  # run a chunk at a time between steps (_embed_some), not all at once
                 inputs, future = arg
-                try:
-                    result: Any = self.engine.embed(inputs)
-                except Exception as exc:  # noqa: BLE001 - the caller gets it; the engine keeps serving
-                    log.exception("embedding failed")
-                    result = exc
-                self._embedded(future, result)
+                self.engine.add_embedding(future, inputs)
+
+    def _embed_some(self) -> None:
+        job = self.engine.embed_jobs[0]
+        try:
+            done = self.engine.embed_step()
+        except Exception as exc:  # noqa: BLE001 - the caller gets it; the engine keeps serving
+            log.exception("embedding failed")
+            self._embedded(job.key, exc)
+            return
+        if done is not None:
+            self._embedded(*done)
 
     def _embedded(self, future: Any, result: Any) -> None:
         settle_soon(future, result)
@@ -279,6 +285,8 @@ class AsyncEngine(EngineClient):
                 self._fail_all(f"engine failure: {type(exc).__name__}")
                 return
             self._after_step(outputs)
+            if self.engine.embed_jobs:
+                self._embed_some()
 
     def _after_step(self, outputs: list[SeqOutput]) -> None:
         self._deliver_many(outputs)

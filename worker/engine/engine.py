@@ -49,6 +49,14 @@ class _Tracked:
     sent_tokens: int = 0
 
 
+@dataclass(slots=True)
+class _EmbedJob:
+    key: Any  # whoever waits for it
+    inputs: list[list[int]]
+    vectors: list[Any]
+    done: int = 0  # inputs embedded so far, in order
+
+
 @dataclass
 class ThroughputMeter:
     """Generated tokens over the last `window` seconds (reported to the controller)."""
@@ -83,6 +91,7 @@ class LLMEngine:
         self.last_step_decode_only = False
         self.inflight: PendingSample | None = None  # the step whose tokens are not read back yet
         self._guide: Guide | None = None
+        self.embed_jobs: deque[_EmbedJob] = deque()
         # running ahead (below) pays only where the device runs asynchronously: on a CPU the forward pass
         # blocks, so a step's tokens are read back at its end
         self.overlap = runner.device.type == "cuda"
@@ -126,11 +135,36 @@ class LLMEngine:
             self.inflight = None  # nothing left to read back
 
     def embed(self, inputs: list[list[int]]) -> list[torch.Tensor]:
-        """Mean-pooled, normalised hidden states of whole inputs (no KV cache; runs between steps)."""
+        """Mean-pooled, normalised hidden states of whole inputs (no KV cache), all at once."""
         return self.runner.embed(inputs)
 
+    def add_embedding(self, key: Any, inputs: list[list[int]]) -> None:
+        """Queue an embedding request; `embed_step` runs it a chunk at a time between decode steps."""
+        self.embed_jobs.append(_EmbedJob(key, inputs, [None] * len(inputs)))
+
+    def embed_step(self) -> tuple[Any, list[torch.Tensor]] | None:
+        """Embed the next chunk of the oldest embedding request: inputs in order up to one step's token
+        budget (at least one), so a 2,048-input request never holds the streams for longer than a step.
+        Returns (key, vectors) when that request is complete."""
+        job = self.embed_jobs[0]
+        budget = self.scheduler.max_batched_tokens
+        end, tokens = job.done, 0
+        while end < len(job.inputs) and (end == job.done or tokens + len(job.inputs[end]) <= budget):
+            tokens += len(job.inputs[end])
+            end += 1
+        try:
+            job.vectors[job.done:end] = self.runner.embed(job.inputs[job.done:end], max_batch_tokens=max(budget, tokens))
+        except Exception:
+            self.embed_jobs.popleft()
+            raise
+        job.done = end
+        if job.done < len(job.inputs):
+            return None
+        self.embed_jobs.popleft()
+        return job.key, job.vectors
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self.inflight is not None
+        return self.scheduler.has_work() or self.inflight is not None or bool(self.embed_jobs)
 
     # --- stepping -----------------------------------------------------------------------------------
     #
