@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,11 +183,16 @@ def title_of(history: History) -> str:
     return first if len(first) <= 60 else first[:57] + "..."
 
 
+CHECKPOINT_S = 1.0  # a streaming reply is stored this often: a UI killed mid-reply keeps what it had
+
+
 def persist(store: Store, owner: str, conv_id: str | None, history: History, p: ChatParams,
-            reply: Reply | None = None, mode: str = "chat") -> str:
+            reply: Reply | None = None, mode: str = "chat", streaming: bool = False) -> str:
     """Store the displayed chat (creating the conversation on its first message); returns its id.
 
-    `reply` carries the timings and usage of the last assistant message when it was just generated.
+    `reply` carries the timings and usage of the last assistant message when it was just generated;
+    `streaming`: it still is, so it is stored as what it has so far with finish reason `interrupted`, what
+    stays if the UI dies before the reply ends.
     """
     msgs = conversation_messages(history)
     if conv_id is None:
@@ -196,7 +202,8 @@ def persist(store: Store, owner: str, conv_id: str | None, history: History, p: 
               for m in msgs]
     if reply is not None and stored and stored[-1].role == "assistant":
         stored[-1] = StoredMessage("assistant", stored[-1].content, p.model, reply.ttft_s, reply.duration_s,
-                                   reply.prompt_tokens, reply.completion_tokens, reply.finish_reason or "abort")
+                                   reply.prompt_tokens, reply.completion_tokens,
+                                   "interrupted" if streaming else reply.finish_reason or "abort")
     fields: dict[str, Any] = {"model": p.model, "system_prompt": p.system, "params": p.as_dict()}
     if len(msgs) <= 2:
         fields["title"] = title_of(history)
@@ -253,9 +260,13 @@ async def respond(client: GatewayClient, store: Store, owner: str, conv_id: str 
     if conversation_messages(history):
         conv_id = await asyncio.to_thread(persist, store, owner, conv_id, history, p)
     reply = Reply()
+    saved = None  # when the streaming reply was last stored: at its first text, then every CHECKPOINT_S
     try:
         async for h in stream_reply(client, history, p, reply):
             history = h
+            if reply.text and (saved is None or time.monotonic() - saved >= CHECKPOINT_S):
+                conv_id = await asyncio.to_thread(persist, store, owner, conv_id, history, p, reply, "chat", True)
+                saved = time.monotonic()
             yield history, conv_id
     finally:
         if conversation_messages(history):

@@ -219,7 +219,9 @@ class Store:
             existing = list(conv.messages)
             keep = 0
             while (keep < min(len(existing), len(messages)) and existing[keep].role == messages[keep].role
-                   and existing[keep].content == messages[keep].content):
+                   and existing[keep].content == messages[keep].content
+                   # a message that says how it ended replaces a row that said otherwise (interrupted -> stop)
+                   and messages[keep].finish_reason in (None, existing[keep].finish_reason)):
                 keep += 1
             for row in existing[keep:]:
                 s.delete(row)

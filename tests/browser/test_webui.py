@@ -414,3 +414,31 @@ def test_login_separates_users_histories(browser, platform, request, tmp_path):
         assert r.status_code in (400, 401)
     finally:
         ui.stop()
+
+
+def test_a_reply_streaming_when_the_ui_is_killed_is_kept_as_interrupted(browser, platform, request, tmp_path):
+    """SIGKILL mid-reply: the stored chat holds the user message and the reply as far as it had come
+    (finish reason `interrupted`), whole rows only; nothing typed or received is lost."""
+    db = tmp_path / "killed.sqlite3"
+    ui = procs.webui(platform.api_url, "--database", str(db)).start()
+    request.node.services = [ui]
+    try:
+        ui.wait(path="/", timeout=120)
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.goto(ui.url)
+        pg.wait_for_function("() => document.querySelector('#model input') && "
+                             "document.querySelector('#model input').value !== ''", timeout=30_000)
+        send(pg, "Write a very long story about a dragon who learns to paint, in many chapters.")
+        pg.wait_for_function(f"() => [...document.querySelectorAll({json.dumps(BOT)})].some(e => "
+                             "e.innerText.length > 40)", timeout=60_000)
+        pg.wait_for_timeout(1500)  # past the first checkpoint
+        shown = pg.locator(BOT).last.inner_text()
+        ui.kill()
+        ctx.close()
+    finally:
+        ui.stop()
+    rows = query(db, "SELECT role, content, finish_reason FROM messages ORDER BY position")
+    assert [r[0] for r in rows] == ["user", "assistant"], rows
+    assert rows[0][1].startswith("Write a very long story") and rows[1][2] == "interrupted"
+    assert len(rows[1][1]) >= 40 and shown[:20].strip() in rows[1][1]
