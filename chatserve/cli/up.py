@@ -57,7 +57,8 @@ def child_specs(a: argparse.Namespace) -> list[tuple[str, list[str], dict[str, s
     gateway = f"http://{host}:{a.gateway_port}"
     py = [sys.executable, "-m", "chatserve.cli.main"]
     # the internal plane (register, dispatch, generate) is closed to everyone but these processes
-    secret = {"CHATSERVE_INTERNAL_SECRET": os.environ.get("CHATSERVE_INTERNAL_SECRET") or secrets.token_urlsafe(24)}
+    token = os.environ.get("CHATSERVE_INTERNAL_SECRET") or secrets.token_urlsafe(24)
+    secret = {"CHATSERVE_INTERNAL_SECRET": token}
     specs = [
         ("controller", [*py, "controller", "--host", host, "--port", str(a.controller_port)], secret,
          f"{controller}/health"),

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from chatserve.gateway.deps import Admit, Charge, auth, isolate_cache, limited, reserve_of, respond, streaming
+from chatserve.gateway.deps import Admit, Charge, auth, generation, limited, streaming
 from chatserve.gateway.sse import sse_data, sse_json
 from chatserve.gateway.streams import (
     SYSTEM_FINGERPRINT,
@@ -57,9 +57,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions", response_model=None, responses=streaming(ChatCompletionResponse))
 async def chat_completions(body: ChatCompletionRequest, request: Request, admit: Admit = Depends(limited),
                            caller: str = Depends(auth)) -> Any:
-    isolate_cache(request, body, caller)
-    charge = admit(reserve_of(body, request.app.state.settings.max_tokens_cap))
-    return await respond(request.app.state.chat, body, charge)
+    return await generation(request, request.app.state.chat, body, admit, caller)
 
 
 def tool_spec(body: ChatCompletionRequest) -> ToolSpec | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from chatserve.gateway.deps import Admit, Charge, auth, isolate_cache, limited, reserve_of, respond, streaming
+from chatserve.gateway.deps import Admit, Charge, auth, generation, limited, streaming
 from chatserve.gateway.sse import sse_data
 from chatserve.gateway.streams import (
     SYSTEM_FINGERPRINT,
@@ -37,9 +37,7 @@ router = APIRouter()
 @router.post("/v1/completions", response_model=None, responses=streaming(CompletionResponse))
 async def completions(body: CompletionRequest, request: Request, admit: Admit = Depends(limited),
                       caller: str = Depends(auth)) -> Any:
-    isolate_cache(request, body, caller)
-    charge = admit(reserve_of(body, request.app.state.settings.max_tokens_cap))
-    return await respond(request.app.state.completions, body, charge)
+    return await generation(request, request.app.state.completions, body, admit, caller)
 
 
 class CompletionService(Service):

@@ -51,6 +51,12 @@ def isolate_cache(request: Request, body: Any, caller: str) -> None:
         body.cache_salt = tenant + "/" + (body.cache_salt or "")
 
 
+async def generation(request: Request, service: Any, body: Any, admit: Admit, caller: str) -> Any:
+    """A chat or text completion: the caller's cache salt, its tokens reserved, then the answer."""
+    isolate_cache(request, body, caller)
+    return await respond(service, body, admit(reserve_of(body, request.app.state.settings.max_tokens_cap)))
+
+
 async def respond(service: Any, body: Any, charge: Charge) -> Any:
     """A streaming request gets SSE (the worker stream is opened first, so refusals keep their status);
     the others get the aggregated response. A request refused before it ran gives its token reservation

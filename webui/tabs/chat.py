@@ -136,8 +136,8 @@ def build(ctx: Context) -> ChatTab:
                 with gr.Row():
                     model = gr.Dropdown(label="Model", choices=[], interactive=True, elem_id="model", scale=4)
                     refresh = gr.Button("Refresh models", scale=1, elem_id="refresh")
-                chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=480, feedback_options=FEEDBACK, sanitize_html=True,
-                                     buttons=["copy"])
+                chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=480, feedback_options=FEEDBACK,
+                                     sanitize_html=True, buttons=["copy"])
                 with gr.Row():
                     box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
                                      elem_id="input")
