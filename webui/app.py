@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from chatserve.http import setup_logging
 from chatserve.settings import WebUISettings
 from webui import callbacks
-from webui.auth import Logins, add_user, read_auth_file
+from webui.auth import ClientAddress, Logins, add_user, read_auth_file
 from webui.client import GatewayClient
 from webui.store import Store
 from webui.tabs import Context
@@ -75,4 +76,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         auth = Logins(read_auth_file(settings.auth_file))
     demo.queue(default_concurrency_limit=32).launch(server_name=settings.host, server_port=settings.port,
                                                     show_error=True, share=False, quiet=True, auth=auth,
-                                                    auth_message="Log in to chatserve" if auth else None)
+                                                    auth_message="Log in to chatserve" if auth else None,
+                                                    app_kwargs={"middleware": [Middleware(ClientAddress)]})

@@ -1,10 +1,13 @@
 """Web UI logins: the auth file holds argon2id hashes (argon2-cffi), written by `chatserve webui add-user
-NAME`; a plaintext line stops the UI with how to convert it. Repeated failures lock a user out for a
-while (doubling from 1 s after 5 in a row, at most 5 minutes), whatever password is tried meanwhile."""
+NAME`; a plaintext line stops the UI with how to convert it. Repeated failures lock a user, and the
+address they came from, out for a while (doubling from 1 s after 5 in a row, at most 5 minutes), whatever
+password is tried meanwhile. Gradio hands the check only a name and a password: `ClientAddress`, an ASGI
+middleware on the UI's app, tells it the address."""
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import getpass
 import os
 import sys
@@ -12,11 +15,28 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 HASHER = PasswordHasher()
+CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("client_address", default="?")
+
+
+class ClientAddress:
+    """Puts each request's client address where the login check can read it (`CLIENT`)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        client = scope.get("client") if scope["type"] == "http" else None
+        token = CLIENT.set(client[0] if client else "?")
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            CLIENT.reset(token)
 FREE_FAILURES = 5
 MAX_LOCK_S = 300.0
 
@@ -53,8 +73,9 @@ class Logins:
         self.lock = threading.Lock()
 
     def __call__(self, user: str, password: str) -> bool:
+        keys = (f"user:{user}", f"addr:{CLIENT.get()}")  # who, and from where
         with self.lock:
-            if self.clock() < self.locked_until.get(user, 0.0):
+            if any(self.clock() < self.locked_until.get(k, 0.0) for k in keys):
                 return False
         stored = self.users.get(user)
         ok = False
@@ -69,11 +90,12 @@ class Logins:
                 pass
         with self.lock:
             if ok:
-                self.failures.pop(user, None)
+                self.failures.pop(keys[0], None)
                 return True
-            n = self.failures[user] = self.failures.get(user, 0) + 1
-            if n >= FREE_FAILURES:
-                self.locked_until[user] = self.clock() + min(2.0 ** (n - FREE_FAILURES), MAX_LOCK_S)
+            for k in keys:
+                n = self.failures[k] = self.failures.get(k, 0) + 1
+                if n >= FREE_FAILURES:
+                    self.locked_until[k] = self.clock() + min(2.0 ** (n - FREE_FAILURES), MAX_LOCK_S)
         return False
 
 

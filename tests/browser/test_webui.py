@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -412,6 +413,15 @@ def test_login_separates_users_histories(browser, platform, request, tmp_path):
         # a wrong password does not get in
         r = httpx.post(ui.url + "/login", data={"username": "alice", "password": "nope"}, timeout=10)
         assert r.status_code in (400, 401)
+        # one address trying many names is locked out for a while, even with a right password
+        for name in ("carol", "dave", "erin", "frank"):
+            httpx.post(ui.url + "/login", data={"username": name, "password": "guess"}, timeout=10)
+        right = {"username": "alice", "password": "wonderland"}
+        assert httpx.post(ui.url + "/login", data=right, timeout=10).status_code in (400, 401)
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as other:  # another address
+            assert other.post(ui.url + "/login", data=right, timeout=10).status_code == 200
+        time.sleep(1.5)
+        assert httpx.post(ui.url + "/login", data=right, timeout=10).status_code == 200
     finally:
         ui.stop()
 

@@ -174,6 +174,22 @@ def test_repeated_failures_lock_a_user_out_for_a_while():
     assert not logins("nobody", "x")
 
 
+def test_an_address_guessing_many_names_is_locked_out_too():
+    from webui.auth import CLIENT, HASHER, Logins
+
+    now = [0.0]
+    logins = Logins({"alice": HASHER.hash("wonderland")}, clock=lambda: now[0])
+    token = CLIENT.set("203.0.113.7")
+    try:
+        for name in ("a", "b", "c", "d", "e"):  # one failure per name: no user is locked, the address is
+            assert not logins(name, "guess")
+        assert not logins("alice", "wonderland")
+    finally:
+        CLIENT.reset(token)
+    CLIENT.set("198.51.100.2")
+    assert logins("alice", "wonderland")  # from elsewhere the user still gets in
+
+
 def test_add_user_stores_a_hash_read_from_stdin(tmp_path):
     import subprocess
     import sys
