@@ -23,6 +23,7 @@ import pytest
 from tests import procs
 
 pytestmark = pytest.mark.integration
+SECRET = "multihost-secret-for-tests-0123456789"
 
 MODEL = "SmolLM2-135M-Instruct"
 EXPIRY = 3.0
@@ -58,8 +59,11 @@ class Net:
         return ip
 
     def service(self, host: str, svc: procs.Service) -> procs.Service:
+        """`svc` on that host's own address, so with the shared secret, as production runs (a service off
+        loopback refuses to start without one)."""
         ns, ip, _ = self.hosts[host]
         svc.host, svc.wrap = ip, ["ip", "netns", "exec", ns]
+        svc.env["CHATSERVE_INTERNAL_SECRET"] = SECRET
         return svc
 
     def link(self, host: str, up: bool) -> None:
@@ -116,7 +120,8 @@ def hosts(net, request) -> Iterator[dict[str, procs.Service]]:
 
 
 def workers(hosts) -> dict[str, dict]:
-    return {w["address"]: w for w in httpx.get(hosts["controller"].url + "/status", timeout=5).json()["workers"]}
+    return {w["address"]: w for w in httpx.get(hosts["controller"].url + "/status", timeout=5,
+                                               headers={"X-Chatserve-Secret": SECRET}).json()["workers"]}
 
 
 def client(hosts) -> openai.OpenAI:
