@@ -50,19 +50,21 @@ def written_out(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | No
             messages = messages[1:]
         else:
             out.append({"role": "system", "content": prompt})
+    previous = ""
     for m in messages:
         if m["role"] == "tool":
             text = fmt.render_result(m["content"])
-            if out and out[-1]["role"] == "user" and out[-1].get("tool"):
+            if previous == "tool":  # results of one round of calls share a user turn
                 out[-1]["content"] += "\n" + text
             else:
-                out.append({"role": "user", "content": text, "tool": "1"})
+                out.append({"role": "user", "content": text})
         elif m["role"] == "assistant" and m.get("tool_calls"):
             calls = fmt.render_calls(_calls(m))
             out.append({"role": "assistant", "content": (m["content"] + "\n" if m["content"] else "") + calls})
         else:
             out.append({"role": m["role"], "content": m["content"]})
-    return [{"role": m["role"], "content": m["content"]} for m in out]
+        previous = m["role"]
+    return out
 
 
 def for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

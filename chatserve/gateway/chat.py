@@ -47,7 +47,7 @@ from chatserve.protocol.chat import (
 from chatserve.protocol.errors import BadRequestError
 from chatserve.protocol.internal import GenerateChunk, GenerateRequest, ToolSpec
 from chatserve.protocol.openai import ChoiceLogprobs, TokenLogprob, TopLogprob, Usage, new_id, now
-from chatserve.tools.formats import DEFAULT_FORMAT, FORMATS
+from chatserve.tools.formats import DEFAULT_FORMAT, FORMATS, ToolFormat
 from chatserve.tools.grammar import check_schema
 from chatserve.tools.parsers import Parsed, ParsedCall, ToolCallParser, parse_all
 
@@ -111,14 +111,14 @@ class _Tools:
     """A request's tool calling as its response is built: the parsers (one per choice) and the shape."""
 
     spec: ToolSpec
-    format_name: str
+    fmt: ToolFormat
     legacy: bool
 
     def names(self) -> set[str]:
         return {t["function"]["name"] for t in self.spec.tools}
 
     def parser(self) -> ToolCallParser:
-        return ToolCallParser(FORMATS.get(self.format_name, FORMATS[DEFAULT_FORMAT]), self.names())
+        return ToolCallParser(self.fmt, self.names())
 
     def finish_reason(self, reason: str | None, calls: int) -> str:
         if calls and reason in (None, "stop"):
@@ -161,7 +161,8 @@ class ChatService(Service):
     def _tools(self, body: ChatCompletionRequest, spec: ToolSpec | None, started: StartedStream) -> _Tools | None:
         if spec is None:
             return None
-        return _Tools(spec, started.start.tool_format or DEFAULT_FORMAT, body.legacy_functions)
+        fmt = FORMATS.get(started.start.tool_format or DEFAULT_FORMAT, FORMATS[DEFAULT_FORMAT])
+        return _Tools(spec, fmt, body.legacy_functions)
 
     async def complete(self, body: ChatCompletionRequest, charge: Charge | None = None) -> ChatCompletionResponse:
         req, key, spec = self.to_generate(body)
@@ -177,7 +178,7 @@ class ChatService(Service):
             if tools is None:
                 message, finish = AssistantMessage(content=text), c.finish or "stop"
             else:
-                parsed = parse_all(tools.parser().fmt, tools.names(), text)
+                parsed = parse_all(tools.fmt, tools.names(), text)
                 message, finish = tools.message(parsed), tools.finish_reason(c.finish, len(parsed.calls))
             out.append(ChatChoice(index=i, message=message, finish_reason=finish, logprobs=lp))  # type: ignore[arg-type]
         usage = started.usage()

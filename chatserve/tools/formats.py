@@ -55,10 +55,14 @@ class ToolFormat:
         return {"type": "object", "properties": {"name": {"const": fn["name"]}, self.args_key: params},
                 "required": ["name", self.args_key], "additionalProperties": False}
 
+    def more_calls(self, parallel: bool) -> str:
+        """Lark for the calls that may follow the first: up to MAX_PARALLEL_CALLS in all, or none."""
+        return f"({lark_str(self.separator)} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else ""
+
     def calls_rules(self, tools: list[dict[str, Any]], parallel: bool) -> str:
         """Lark rules defining `calls` (one or more calls of the given tools) and `call`."""
         schema = {"anyOf": [self.call_schema(t) for t in tools]} if len(tools) > 1 else self.call_schema(tools[0])
-        more = f"({lark_str(self.separator)} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else ""
+        more = self.more_calls(parallel)
         return (f"calls: {lark_str(self.list_open) + ' ' if self.list_open else ''}call {more}"
                 f"{' ' + lark_str(self.list_close) if self.list_close else ''}\n"
                 f"call: {lark_str(self.call_open) + ' ' if self.call_open else ''}call_json"

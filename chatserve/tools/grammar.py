@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from chatserve.protocol.errors import BadRequestError
-from chatserve.tools.formats import MAX_PARALLEL_CALLS, ToolFormat, lark_str
+from chatserve.tools.formats import ToolFormat, lark_str
 
 # compact JSON: a weak model cannot pad a reply with whitespace forever
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -78,9 +78,8 @@ def tool_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], choice: str | dic
         lark = f"start: reply | calls\nreply: %json {json.dumps(schema)}\n" + rules
     elif fmt.call_open:  # calls open with a tag: text without it, or text up to the first tag, then calls
         trigger, opener = _lark_regex_escape(fmt.trigger), _lark_regex_escape(fmt.call_open)
-        more = f"({lark_str(fmt.separator)} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else ""
         close = lark_str(fmt.call_close) if fmt.call_close else ""
-        lark = (f"start: TEXT | PRE call_json {close} {more}\n"
+        lark = (f"start: TEXT | PRE call_json {close} {fmt.more_calls(parallel)}\n"
                 f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{trigger}(.|\\n)*/\n"
                 f"PRE: /(.|\\n)*{opener}/ & ~/(.|\\n)*{trigger}(.|\\n)*{trigger}(.|\\n)*/\n" + rules)
     else:  # bare JSON calls: a text reply is one that does not open with JSON

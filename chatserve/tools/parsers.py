@@ -95,7 +95,6 @@ class ToolCallParser:
         try:
             obj = json.loads(text)
         except ValueError:
-            obj = None
             items: list[Any] = []
             pos = 0
             while pos < len(text):
