@@ -48,7 +48,8 @@ class _PipeEngine(AsyncEngine):
         self.send(("error", request_id, str(item)))
 
     def _after_step(self, outputs: list[SeqOutput]) -> None:  # one message a step: the deltas and the load
-        self.send(("out", outputs, self.engine.load()))
+        self._last_load = self.engine.load()  # what the parent now holds, so the idle report compares with it
+        self.send(("out", outputs, self._last_load))
 
     def _embedded(self, future: Any, result: Any) -> None:  # future: the parent's token
         self.send(("embedded", future, result if not isinstance(result, BaseException) else repr(result)))
@@ -195,8 +196,8 @@ class ProcessEngine(EngineClient):
                 return
             kind = msg[0]
             if kind == "out":
-                self._deliver_many(msg[1])
                 self.load = msg[2]
+                self._deliver_many(msg[1])
             elif kind == "load":
                 self.load = msg[1]
             elif kind == "error":
