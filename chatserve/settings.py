@@ -125,6 +125,8 @@ class WorkerSettings(InternalPlaneSettings):
     chat_template: str = field(default="", metadata={"help": "named template ('' = tokenizer's own, else family match)"})
     tool_call_parser: str = field(default="", metadata={"help": "the format the model writes tool calls in: hermes, "
                                                         "llama3_json or mistral ('' = from the chat template)"})
+    reasoning_parser: str = field(default="auto", metadata={"help": "a reasoning model's <think> span to "
+                                  "reasoning_content: think, none, or auto (when the chat template writes the markers)"})
     lora: list[str] = field(default_factory=list, metadata={"help": "PEFT LoRA adapter folders merged into the weights at load (comma-separated, in order)"})
     quantize: str = field(default="", metadata={"help": "weight-only quantization: '', int8 or int4"})
     tensor_parallel: int = field(default=1, metadata={"help": "GPUs of this host one model is split across (heads and MLP)"})
@@ -169,6 +171,9 @@ class GatewaySettings(InternalPlaneSettings):
                                                          "and pids (else numbered, without addresses)"})
     isolate_prefix_cache_per_key: bool = field(default=False, metadata={"help": "requests of different API keys "
                                                                         "share no prefix-cache blocks"})
+    responses_db: str = field(default="~/.local/share/chatserve/responses.sqlite3",
+                              metadata={"help": "stored responses (/v1/responses): SQLite file or SQLAlchemy URL "
+                                                "('' = store none: previous_response_id then finds nothing)"})
 
 
 @dataclass

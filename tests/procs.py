@@ -96,7 +96,10 @@ def worker(controller_url: str, *extra: str, port: int | None = None) -> Service
 
 
 def gateway(controller_url: str, *extra: str) -> Service:
-    return Service("gateway", ["--controller-url", controller_url, "--worker-cache-ttl", "2", *extra], free_port())
+    """A gateway; its stored responses in a database file of its own unless `--responses-db` is given."""
+    own_db = {"CHATSERVE_RESPONSES_DB": str(Path(tempfile.mkdtemp(prefix="chatserve-responses-")) / "r.sqlite3")}
+    return Service("gateway", ["--controller-url", controller_url, "--worker-cache-ttl", "2", *extra], free_port(),
+                   own_db)
 
 
 def webui(api_url: str, *extra: str) -> Service:

@@ -8,7 +8,6 @@ can share one `Store`.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,12 +23,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    create_engine,
-    event,
     select,
 )
-from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from chatserve.db import database_url, open_engine
 
 VOTE_KINDS = ("upvote", "downvote", "flag")
 BATTLE_WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
@@ -112,15 +110,6 @@ class StoredMessage:
     finish_reason: str | None = None
 
 
-def database_url(target: str) -> str:
-    """A SQLAlchemy URL as is; anything else is a SQLite file path (its folder is created)."""
-    if "://" in target:
-        return target
-    path = Path(os.path.expanduser(target)).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
-
-
 def upgrade(url: str) -> None:
     """Bring the database at `url` to the newest migration."""
     from alembic import command
@@ -132,16 +121,6 @@ def upgrade(url: str) -> None:
     command.upgrade(cfg, "head")
 
 
-def _sqlite_pragmas(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=5000")
-        cur.close()
-
-
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -151,9 +130,7 @@ class Store:
         self.url = database_url(target)
         if migrate:
             upgrade(self.url)
-        self.engine = create_engine(self.url)
-        if self.engine.dialect.name == "sqlite":
-            _sqlite_pragmas(self.engine)
+        self.engine = open_engine(self.url)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -214,7 +214,7 @@ def build_app(settings: WorkerSettings) -> FastAPI:
             log.exception("worker start-up failed")
             return
         state.loaded, state.renderer = loaded, PromptRenderer(loaded.tokenizer, loaded.name, settings.chat_template,
-                                                       settings.tool_call_parser)
+                                                       settings.tool_call_parser, settings.reasoning_parser)
         # loading leaves millions of long-lived objects (modules, tokenizer tables): out of the collector's
         # reach from here on, so a full collection while serving does not walk them (a stall of every stream)
         gc.collect()
@@ -364,6 +364,8 @@ def build_app(settings: WorkerSettings) -> FastAPI:
     @app.post("/generate", dependencies=[Depends(internal)])
     async def generate(req: GenerateRequest) -> StreamingResponse:
         loaded, engine, renderer = state.require_ready()
+        if req.params.prompt_logprobs is not None and settings.tensor_parallel > 1:
+            raise BadRequestError("prompt logprobs are not served with tensor parallelism yet", param="prompt_logprobs")
         prompt_ids, prompt_text, params = prepare(req, loaded, renderer)
         if engine.pending >= settings.max_queue_length:
             raise OverloadedError(f"worker queue is full ({settings.max_queue_length} requests)")
@@ -371,7 +373,9 @@ def build_app(settings: WorkerSettings) -> FastAPI:
         # before any of their streams does, and would all pass the check above
         slot = QueueSlot(engine)
         first = GenerateChunk(kind="start", prompt_tokens=len(prompt_ids), prompt_text=prompt_text if req.echo else None,
-                              tool_format=renderer.tool_format.name if req.tools else None)
+                              tool_format=renderer.tool_format.name if req.tools else None,
+                              reasoning=renderer.reasoning_start(prompt_text)
+                              if req.messages is not None and params.grammar is None else None)  # a grammar's output is the answer
 
         async def stream() -> AsyncIterator[bytes]:
             try:
@@ -401,10 +405,11 @@ def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
 
 
 def render_messages(renderer: PromptRenderer, messages: list[Any], template: str | None,
-                    add_generation_prompt: bool, tools: ToolSpec | None = None) -> Any:
+                    add_generation_prompt: bool, tools: ToolSpec | None = None, req: GenerateRequest | None = None) -> Any:
     try:
         return renderer.render([m.model_dump() for m in messages], template, add_generation_prompt,
-                               tools.tools if tools else None)
+                               tools.tools if tools else None, req is not None and req.continue_final_message,
+                               req.chat_template_kwargs if req is not None else None)
     except KeyError as exc:
         raise BadRequestError(str(exc.args[0]), param="chat_template") from None
     except Exception as exc:  # noqa: BLE001 - a template that rejects the message order (jinja raise)
@@ -436,7 +441,7 @@ def prepare(req: GenerateRequest, loaded: LoadedModel, renderer: PromptRenderer)
         check_token_ids(list(params.logit_bias), len(loaded.tokenizer), "logit_bias")
     params.grammar = grammar_for(req, params, renderer)
     if req.messages is not None:
-        r = render_messages(renderer, req.messages, req.chat_template, req.add_generation_prompt, req.tools)
+        r = render_messages(renderer, req.messages, req.chat_template, req.add_generation_prompt, req.tools, req)
         ids, text = r.token_ids, r.text
         params.stop = list(dict.fromkeys([*params.stop, *r.stop]))
         params.stop_token_ids = list(dict.fromkeys([*params.stop_token_ids, *r.stop_token_ids]))
@@ -470,7 +475,7 @@ def prepare(req: GenerateRequest, loaded: LoadedModel, renderer: PromptRenderer)
 def encode_chunk(out: SeqOutput, tokenizer: Any) -> bytes:
     """One NDJSON line per delta. The hot path (no logprobs) builds the line directly: pydantic costs
     ~5x more per token, and at thousands of tokens per second that is what limits the HTTP path."""
-    if out.logprobs is not None:
+    if out.logprobs is not None or out.prompt_logprobs is not None:
         return (to_chunk(out, tokenizer).model_dump_json(exclude_defaults=True) + "\n").encode()
     line = {"kind": "delta", "index": out.index, "text": out.text, "token_ids": out.token_ids,
             "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
@@ -486,7 +491,13 @@ def to_chunk(out: SeqOutput, tokenizer: Any) -> GenerateChunk:
         logprobs = [TokenLogprobInfo(token=tokenizer.decode([tid]), logprob=lp,
                                      top=[(tokenizer.decode([t]), v) for t, v in top])
                     for tid, lp, top in out.logprobs]
+    prompt = None
+    if out.prompt_logprobs is not None:
+        prompt = [TokenLogprobInfo(token=tokenizer.decode([tid]), logprob=lp, rank=rank, token_id=tid,
+                                   top=[(tokenizer.decode([t]), v) for t, v in top], top_ids=[t for t, _ in top])
+                  for tid, lp, rank, top in out.prompt_logprobs]
     return GenerateChunk(kind="delta", index=out.index, text=out.text, token_ids=out.token_ids, logprobs=logprobs,
+                         prompt_logprobs=prompt,
                          finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,  # type: ignore[arg-type]
                          completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens)
 

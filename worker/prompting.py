@@ -21,6 +21,7 @@ from typing import Any
 from chatserve.conversation import DEFAULT_TEMPLATE, Template, TemplateRegistry
 from chatserve.protocol.chat import arguments_object
 from chatserve.tools.formats import ToolFormat, detect_format, get_format, template_takes_tools
+from chatserve.tools.reasoning import PARSERS, starts_open, template_reasons
 
 log = logging.getLogger("chatserve.worker")
 
@@ -83,7 +84,8 @@ def for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class PromptRenderer:
-    def __init__(self, tokenizer: Any, model_name: str, template_name: str = "", tool_format: str = ""):
+    def __init__(self, tokenizer: Any, model_name: str, template_name: str = "", tool_format: str = "",
+                 reasoning: str = "auto"):
         self.tokenizer = tokenizer
         self.registry = TemplateRegistry.builtin()
         self.default: Template | None = None
@@ -99,27 +101,49 @@ class PromptRenderer:
         source = source if isinstance(source, str) else None
         self.native_tools = template_takes_tools(source)
         self.tool_format = get_format(tool_format or detect_format(source, model_name))
+        if reasoning not in PARSERS:
+            raise ValueError(f"--reasoning-parser must be one of {', '.join(PARSERS)} (got {reasoning!r})")
+        self.reasons = reasoning == "think" or (reasoning == "auto" and template_reasons(source))
         log.info("chat template: %s; tool calls: %s format, %s", self.default.name if self.default else
                  "the tokenizer's own", self.tool_format.name,
                  "tools rendered by the template" if self.native_tools else "tools written into the prompt")
+
+    def reasoning_start(self, prompt_text: str) -> str | None:
+        """Where a reply begins for the reasoning parser: "open" (inside a <think> span the prompt opened),
+        "closed", or None for a model that does not reason."""
+        if not self.reasons:
+            return None
+        return "open" if starts_open(prompt_text) else "closed"
 
     @property
     def template_name(self) -> str:
         return self.default.name if self.default else "tokenizer"
 
     def render(self, messages: list[dict[str, Any]], template: str | None = None,
-               add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> Rendered:
+               add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None,
+               continue_final: bool = False, template_kwargs: dict[str, Any] | None = None) -> Rendered:
+        """`continue_final`: the last message (the assistant's) is left open for the model to continue
+        (prefill), not closed. `template_kwargs` go to a tokenizer's chat template (`enable_thinking`)."""
         tpl = self.registry.get(template) if template else self.default
         if tpl is None:
+            kwargs = dict(template_kwargs or {})
+            if continue_final:
+                kwargs["continue_final_message"] = True
             if self.native_tools:
-                kwargs = {"tools": tools} if tools else {}
+                if tools:
+                    kwargs["tools"] = tools
                 text = self.tokenizer.apply_chat_template(for_template(messages), tokenize=False,
                                                           add_generation_prompt=add_generation_prompt, **kwargs)
             else:
                 text = self.tokenizer.apply_chat_template(written_out(messages, tools, self.tool_format),
-                                                          tokenize=False, add_generation_prompt=add_generation_prompt)
+                                                          tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                          **kwargs)
             return Rendered(text, self.encode(text), [], [])
-        text = tpl.render(written_out(messages, tools, self.tool_format), add_generation_prompt)
+        plain = written_out(messages, tools, self.tool_format)
+        if continue_final:  # the generation prefix opens an assistant turn: the message's text follows it
+            text = tpl.render(plain[:-1], True) + plain[-1]["content"]
+        else:
+            text = tpl.render(plain, add_generation_prompt)
         ids = self.encode(text)
         bos = getattr(self.tokenizer, "bos_token_id", None)
         if tpl.add_bos and bos is not None and (not ids or ids[0] != bos):

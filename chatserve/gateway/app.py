@@ -14,7 +14,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.datastructures import Headers
 
-from chatserve.gateway import chat, completions, embeddings, models, ops
+from chatserve.gateway import chat, completions, embeddings, models, ops, responses
+from chatserve.gateway.response_store import ResponseStore
 from chatserve.gateway.limits import KeyPolicy, KeyRing, parse_key_file
 from chatserve.gateway.metrics import GatewayMetrics
 from chatserve.gateway.upstream import ClientShards, Upstream
@@ -24,7 +25,7 @@ from chatserve.settings import GatewaySettings
 
 log = logging.getLogger("chatserve.gateway")
 
-KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize",
+KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/models", "/tokenize",
                 "/detokenize", "/health", "/metrics", "/status"}
 
 
@@ -95,15 +96,19 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         clients = ClientShards()
+        store = ResponseStore(settings.responses_db) if settings.responses_db else None
         try:
             upstream = Upstream(clients, settings.controller_url.rstrip("/"), settings.internal_secret,
                                 settings.worker_cache_ttl, settings.worker_stall_timeout)
             app.state.upstream = upstream
             app.state.chat = chat.ChatService(upstream, settings.max_tokens_cap, metrics)
             app.state.completions = completions.CompletionService(upstream, settings.max_tokens_cap, metrics)
+            app.state.responses = responses.ResponsesService(upstream, settings.max_tokens_cap, metrics, store=store)
             yield
         finally:
             await clients.aclose()
+            if store is not None:
+                store.close()
 
     metrics = GatewayMetrics()
     errors = {status: {"model": ErrorResponse, "description": "An error in the OpenAI envelope"}
@@ -126,7 +131,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(BodyLimitAndCount, limit=settings.max_body_bytes, metrics=metrics)
 
     app.state.settings, app.state.ring, app.state.metrics = settings, ring, metrics
-    for module in (chat, completions, embeddings, models, ops):
+    for module in (chat, completions, embeddings, models, ops, responses):
         app.include_router(module.router)
     return app
 

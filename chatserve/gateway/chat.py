@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from chatserve.gateway.deps import Admit, Charge, auth, generation, limited, streaming
+from chatserve.gateway.logprobs import vllm_prompt
 from chatserve.gateway.sse import sse_data, sse_json
 from chatserve.gateway.streams import (
     SYSTEM_FINGERPRINT,
@@ -50,6 +51,8 @@ from chatserve.protocol.openai import ChoiceLogprobs, TokenLogprob, TopLogprob, 
 from chatserve.tools.formats import DEFAULT_FORMAT, FORMATS, ToolFormat
 from chatserve.tools.grammar import check_schema
 from chatserve.tools.parsers import Parsed, ParsedCall, ToolCallParser, parse_all
+from chatserve.tools.reasoning import ReasoningParser, Split
+from chatserve.tools.reasoning import parse as parse_reasoning
 
 router = APIRouter()
 
@@ -154,8 +157,12 @@ class ChatService(Service):
             raise BadRequestError("the legacy functions field takes n = 1", param="n")
         max_tokens, unset = resolve_max_tokens(body.requested_max_tokens(), self.cap)
         params = body.to_sampling_params(max_tokens, body.requested_logprobs())
+        params.prompt_logprobs = body.prompt_logprobs
         req = GenerateRequest(request_id=new_id("chatcmpl"), messages=messages, chat_template=body.chat_template,
-                              tools=spec, params=params, n=body.n, max_tokens_unset=unset)
+                              tools=spec, params=params, n=body.n, max_tokens_unset=unset,
+                              add_generation_prompt=body.add_generation_prompt,
+                              continue_final_message=body.continue_final_message,
+                              chat_template_kwargs=body.chat_template_kwargs)
         return req, conversation_key(body.model, messages), spec
 
     def _tools(self, body: ChatCompletionRequest, spec: ToolSpec | None, started: StartedStream) -> _Tools | None:
@@ -174,16 +181,25 @@ class ChatService(Service):
             lp = None
             if body.logprobs:
                 lp = _chat_logprobs(GenerateChunk(kind="delta", logprobs=c.logprobs))
-            text = "".join(c.text)
+            split = Split(content="".join(c.text))
+            if started.start.reasoning is not None:
+                split = parse_reasoning(split.content, started.start.reasoning == "open")
             if tools is None:
-                message, finish = AssistantMessage(content=text), c.finish or "stop"
+                message, finish = AssistantMessage(content=split.content), c.finish or "stop"
             else:
-                parsed = parse_all(tools.fmt, tools.names(), text)
+                parsed = parse_all(tools.fmt, tools.names(), split.content)
                 message, finish = tools.message(parsed), tools.finish_reason(c.finish, len(parsed.calls))
+            if split.reasoning:
+                message.reasoning_content = message.reasoning = split.reasoning
+            if body.prefilled():
+                message.content = body.prefilled() + (message.content or "")
             out.append(ChatChoice(index=i, message=message, finish_reason=finish, logprobs=lp))  # type: ignore[arg-type]
         usage = started.usage()
+        prompt_lp = choices[0].prompt_logprobs if body.prompt_logprobs is not None else None
         return ChatCompletionResponse(id=req.request_id, created=now(), model=body.model,
-                                      system_fingerprint=SYSTEM_FINGERPRINT, choices=out, usage=usage)
+                                      system_fingerprint=SYSTEM_FINGERPRINT, choices=out, usage=usage,
+                                      prompt_logprobs=vllm_prompt(prompt_lp, body.prompt_logprobs or 0)
+                                      if prompt_lp is not None else None)
 
     async def stream(self, body: ChatCompletionRequest, charge: Charge | None = None) -> AsyncIterator[str]:
         """Opens the worker stream first (errors raise before any byte is sent), then yields SSE events."""
@@ -239,8 +255,33 @@ class ChatService(Service):
                                                         finish_reason=finish)]))  # type: ignore[arg-type]
             return "".join(events) or None
 
+        content_of = tool_delta if tools is not None else delta
+        thinkers = [ReasoningParser(started.start.reasoning == "open") for _ in range(body.n)] \
+            if started.start.reasoning is not None else []
+
+        def render(chunk: GenerateChunk) -> str | None:
+            """A reasoning model's text is split first: its reasoning as `reasoning_content` deltas, the rest
+            on to the content (and tool-call) rendering."""
+            if not thinkers and chunk.prompt_logprobs is None:
+                return content_of(chunk)
+            events = []
+            if chunk.prompt_logprobs is not None and body.prompt_logprobs is not None:
+                events.append(sse_json({**head, "choices": [], "prompt_logprobs": vllm_prompt(
+                    chunk.prompt_logprobs, body.prompt_logprobs)}))
+            if thinkers:
+                thinker = thinkers[chunk.index]
+                split = thinker.feed(chunk.text) if chunk.text else Split()
+                if chunk.finish_reason:
+                    rest = thinker.finish()
+                    split = Split(split.reasoning + rest.reasoning, split.content + rest.content)
+                if split.reasoning:
+                    events.append(chunk_of([ChatChunkChoice(index=chunk.index, delta=DeltaMessage(
+                        reasoning_content=split.reasoning, reasoning=split.reasoning))]))
+                chunk = chunk.model_copy(update={"text": split.content})
+            events.append(content_of(chunk) or "")
+            return "".join(events) or None
+
         for i in range(body.n):
-            yield chunk_of([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-        render = tool_delta if tools is not None else delta
+            yield chunk_of([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=body.prefilled()))])
         async for event in relay(started, render, lambda u: chunk_of([], u), body.include_usage()):
             yield event

@@ -1,4 +1,9 @@
-"""/v1/completions: text completions (several prompts in one request, echo, logprobs), streamed or not."""
+"""/v1/completions: text completions (several prompts in one request, echo, logprobs), streamed or not.
+
+Scoring (lm-evaluation-harness's `local-completions`): `echo` with `logprobs` gives an entry for every
+prompt token and then every generated one, from the prefill pass itself; `max_tokens: 0` scores the prompt
+alone (the worker samples one token, which is dropped here). `prompt_logprobs` is vLLM's extension.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from chatserve.gateway.deps import Admit, Charge, auth, generation, limited, streaming
+from chatserve.gateway.logprobs import legacy, vllm_prompt
 from chatserve.gateway.sse import sse_data
 from chatserve.gateway.streams import (
     SYSTEM_FINGERPRINT,
@@ -44,12 +50,17 @@ class CompletionService(Service):
     def to_generate(self, body: CompletionRequest, prompt: str | list[int]) -> GenerateRequest:
         # OpenAI's legacy default for completions is 16 tokens
         requested = body.max_tokens if body.max_tokens is not None else min(16, self.cap)
-        max_tokens, _ = resolve_max_tokens(requested, self.cap)
+        if requested == 0 and body.scored_prompt() is None:
+            raise BadRequestError("max_tokens 0 scores the prompt only: it needs echo with logprobs, or "
+                                  "prompt_logprobs", param="max_tokens")
+        max_tokens, _ = resolve_max_tokens(max(requested, 1), self.cap)
         check_response_format(body.response_format)
+        params = body.to_sampling_params(max_tokens, body.logprobs)
+        params.prompt_logprobs = body.scored_prompt()
         return GenerateRequest(
             request_id=new_id("cmpl"), prompt=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=prompt if isinstance(prompt, list) else None, echo=body.echo,
-            params=body.to_sampling_params(max_tokens, body.logprobs), n=body.n)
+            params=params, n=body.n)
 
     def _prompts(self, body: CompletionRequest) -> list[str | list[int]]:
         prompts = body.prompts()
@@ -76,14 +87,17 @@ class CompletionService(Service):
             for t in tasks:
                 t.cancel()
             raise
+        scores_only = body.max_tokens == 0
         for p_index, (started, parts) in enumerate(results):
             echo = (started.start.prompt_text or "") if body.echo else ""
             for i, c in enumerate(parts):
-                choices.append(CompletionChoice(index=p_index * body.n + i, text=echo + "".join(c.text),
-                                                finish_reason=c.finish or "stop",  # type: ignore[arg-type]
-                                                logprobs=_completion_logprobs(c.logprobs) if body.logprobs is not None else None))
+                if scores_only:
+                    c.text, c.logprobs, c.finish = [], [], "length"
+                choices.append(self._choice(body, p_index * body.n + i, echo + "".join(c.text), c.finish or "stop",
+                                            c.prompt_logprobs, c.logprobs))
             u = started.usage()
-            usage = Usage.of(usage.prompt_tokens + u.prompt_tokens, usage.completion_tokens + u.completion_tokens,
+            completion = 0 if scores_only else u.completion_tokens
+            usage = Usage.of(usage.prompt_tokens + u.prompt_tokens, usage.completion_tokens + completion,
                              usage.prompt_tokens_details.cached_tokens + u.prompt_tokens_details.cached_tokens)
         return CompletionResponse(id=rid, created=now(), model=body.model, system_fingerprint=SYSTEM_FINGERPRINT,
                                   choices=choices, usage=usage)
@@ -103,28 +117,44 @@ class CompletionService(Service):
             return sse_data(CompletionResponse(id=rid, created=created, model=body.model, choices=choices,
                                                system_fingerprint=SYSTEM_FINGERPRINT, usage=usage))
 
-        if body.echo and started.start.prompt_text:
+        scored = body.scored_prompt() is not None
+        echo_text = (started.start.prompt_text or "") if body.echo else ""
+        if echo_text and not scored:
             for i in range(body.n):
-                yield chunk_of([CompletionChoice(index=i, text=started.start.prompt_text)])
+                yield chunk_of([CompletionChoice(index=i, text=echo_text)])
+        # a scored prompt's entries come with its first delta: the echo is sent then, with them
+        offsets = [CompletionLogprobs() for _ in range(body.n)]
+        scores_only = body.max_tokens == 0
+
         def delta(chunk: GenerateChunk) -> str | None:
-            if not (chunk.text or chunk.finish_reason):
-                return None
-            lp = _completion_logprobs(chunk.logprobs or []) if body.logprobs is not None else None
-            return chunk_of([CompletionChoice(index=chunk.index, text=chunk.text, finish_reason=chunk.finish_reason,
-                                              logprobs=lp)])
+            events = []
+            if chunk.prompt_logprobs is not None:
+                events.append(chunk_of([self._choice(body, chunk.index, echo_text, None, chunk.prompt_logprobs, [],
+                                                      offsets[chunk.index])]))
+            if scores_only:
+                chunk = GenerateChunk(kind="delta", index=chunk.index, finish_reason=chunk.finish_reason and "length")
+            if chunk.text or chunk.finish_reason:
+                choice = self._choice(body, chunk.index, chunk.text, chunk.finish_reason, None, chunk.logprobs or [],
+                                      offsets[chunk.index])
+                events.append(chunk_of([choice]))
+            return "".join(events) or None
 
         async for event in relay(started, delta, lambda u: chunk_of([], u), body.include_usage()):
             yield event
 
-
-def _completion_logprobs(items: list[Any]) -> CompletionLogprobs:
-    out = CompletionLogprobs()
-    offset = 0
-    for lp in items:
-        out.tokens.append(lp.token)
-        out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append({t: v for t, v in lp.top} if lp.top else None)
-        out.text_offset.append(offset)
-        offset += len(lp.token)
-    return out
+    @staticmethod
+    def _choice(body: CompletionRequest, index: int, text: str, finish: str | None, prompt: list[Any] | None,
+                generated: list[Any], so_far: CompletionLogprobs | None = None) -> CompletionChoice:
+        """A choice (or a stream chunk's): with `echo` and `logprobs`, the prompt's entries first; text
+        offsets count on from `so_far` (a stream's entries sent before), which is kept up to date."""
+        lp = None
+        if body.logprobs is not None:
+            start = len(so_far.tokens) if so_far is not None else 0
+            whole = legacy(generated, legacy(prompt or [] if body.echo else [], so_far))
+            lp = whole if so_far is None else CompletionLogprobs(
+                tokens=whole.tokens[start:], token_logprobs=whole.token_logprobs[start:],
+                top_logprobs=whole.top_logprobs[start:], text_offset=whole.text_offset[start:])
+        pl = vllm_prompt(prompt, body.prompt_logprobs) if prompt is not None and body.prompt_logprobs is not None else None
+        return CompletionChoice(index=index, text=text, finish_reason=finish,  # type: ignore[arg-type]
+                                logprobs=lp, prompt_logprobs=pl)
 

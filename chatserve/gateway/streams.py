@@ -162,6 +162,7 @@ class _Choice:
     text: list[str] = field(default_factory=list)
     finish: str | None = None
     logprobs: list[Any] = field(default_factory=list)
+    prompt_logprobs: list[Any] | None = None
 
 
 async def collect(started: StartedStream, n: int) -> list[_Choice]:
@@ -172,6 +173,8 @@ async def collect(started: StartedStream, n: int) -> list[_Choice]:
         c.text.append(chunk.text)
         if chunk.logprobs:
             c.logprobs.extend(chunk.logprobs)
+        if chunk.prompt_logprobs is not None:
+            c.prompt_logprobs = chunk.prompt_logprobs
         if chunk.finish_reason:
             c.finish = chunk.finish_reason
     return choices

@@ -140,6 +140,10 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tools", "documents", "add_generation_prompt",
+                            "continue_final_message", "tokenize", "return_dict", "chat_template", "tokenizer"}
+
+
 class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -160,6 +164,30 @@ class ChatCompletionRequest(GenerationFields):
     verbosity: Any = None
     # extension: name a conversation template instead of the tokenizer's own
     chat_template: str | None = None
+    # prefill and templates (vLLM's names): the last assistant message continued instead of answered
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    echo: bool = False  # the reply's content starts with the continued final assistant message
+    chat_template_kwargs: dict[str, Any] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _prefill(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message continues the last message: set add_generation_prompt "
+                             "to false with it")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+        reserved = sorted(set(self.chat_template_kwargs or {}) & RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}: they are request fields")
+        return self
+
+    def prefilled(self) -> str:
+        """What `echo` puts before the reply: the final assistant message when it is continued."""
+        if not self.echo or self.messages[-1].role != "assistant" or self.add_generation_prompt:
+            return ""
+        return self.messages[-1].text()
 
     @field_validator("audio", "web_search_options", "verbosity")
     @classmethod
@@ -185,6 +213,8 @@ class ChatCompletionRequest(GenerationFields):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # a reasoning model's <think> span (vLLM's and DeepSeek's name)
+    reasoning: str | None = None  # the same, under the newer name
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
     function_call: FunctionCall | None = None
@@ -205,6 +235,7 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None  # vLLM's extension
 
 
 class DeltaFunction(BaseModel):
@@ -222,6 +253,8 @@ class DeltaToolCall(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
     function_call: DeltaFunction | None = None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -11,9 +11,16 @@ from chatserve.protocol.openai import FinishReason, GenerationFields, Usage
 
 class CompletionRequest(GenerationFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (echo or prompt_logprobs)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's extension: each prompt token's logprobs
     suffix: None = None
+
+    def scored_prompt(self) -> int | None:
+        """How many alternatives each prompt token's entry needs, or None when the prompt is not scored."""
+        wants = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wants) if wants else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field normalised to a list of prompts (each text or token ids)."""
@@ -34,11 +41,15 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+PromptLogprobs = list[dict[str, dict[str, Any]] | None]  # vLLM's shape: per token {id: {logprob, rank, decoded_token}}
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None = None
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -130,6 +130,8 @@ class GenerateRequest(BaseModel):
     chat_template: str | None = None
     tools: ToolSpec | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # chat prefill: the last (assistant) message is continued
+    chat_template_kwargs: dict[str, Any] | None = None  # to the tokenizer's chat template (enable_thinking)
     echo: bool = False
     params: SamplingParams = Field(default_factory=SamplingParams)
     n: int = Field(1, ge=1, le=16)
@@ -138,8 +140,11 @@ class GenerateRequest(BaseModel):
 
 class TokenLogprobInfo(BaseModel):
     token: str
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing precedes it)
     top: list[tuple[str, float]] = Field(default_factory=list)
+    token_id: int | None = None  # prompt logprobs: the token's id, its rank, the ids of the top tokens
+    rank: int | None = None
+    top_ids: list[int] | None = None
 
 
 class GenerateChunk(BaseModel):
@@ -150,8 +155,11 @@ class GenerateChunk(BaseModel):
     text: str = ""  # delta text (never cumulative)
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[TokenLogprobInfo] | None = None
+    prompt_logprobs: list[TokenLogprobInfo] | None = None  # every prompt token, with the first delta
     finish_reason: Literal["stop", "length", "abort", "error"] | None = None
     tool_format: str | None = None  # start event of a request with tools: the format its calls are written in
+    reasoning: Literal["open", "closed"] | None = None  # start event, a reasoning model: does the reply begin
+    # inside a <think> span ("open") or may it open one ("closed")
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0

@@ -23,6 +23,9 @@ class SamplingParams(BaseModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    # the prompt's own tokens' logprobs (scoring, echo): every prompt position is computed, none served
+    # from the prefix cache; the top N alternatives at each
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[int, float] | None = None
     response_format: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: dict[str, Any] | None = None  # response_format json_schema: the schema

@@ -39,6 +39,9 @@ class SeqOutput:
     completion_tokens: int
     cached_tokens: int
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    # with the first output of a request that asked for them: every prompt token's (id, logprob, rank,
+    # top), None logprob and rank for the first token (nothing precedes it)
+    prompt_logprobs: list[tuple[int, float | None, int | None, list[tuple[int, float]]]] | None = None
 
 
 @dataclass(slots=True)
@@ -47,6 +50,7 @@ class _Tracked:
     detok: IncrementalDetokenizer
     stop: StopChecker
     sent_tokens: int = 0
+    prompt_lp: list | None = None  # scored prompt tokens so far (params.prompt_logprobs), until sent
 
 
 @dataclass(slots=True)
@@ -113,7 +117,10 @@ class LLMEngine:
             seq = Sequence(request_id, i, list(prompt_token_ids), params)
             if params.grammar is not None:
                 seq.constraint = self.guide().constraint(params.grammar)
-            self.tracked[seq.seq_id] = _Tracked(seq, IncrementalDetokenizer(self.tokenizer), StopChecker(params.stop))
+            tr = _Tracked(seq, IncrementalDetokenizer(self.tokenizer), StopChecker(params.stop))
+            if params.prompt_logprobs is not None:
+                tr.prompt_lp = [(seq.token_ids[0], None, None, [])]
+            self.tracked[seq.seq_id] = tr
             self.scheduler.add(seq)
             seqs.append(seq)
         self.by_request[request_id] = seqs
@@ -190,6 +197,8 @@ class LLMEngine:
         self.last_step_decode_only = batch.is_decode_only
         prev = self.inflight.tokens if self.inflight is not None else None
         logits, seqs = self.runner.execute(batch, prev)
+        if self.runner.last_scores:
+            self._keep_scores()
         guided = any(s.constraint is not None for s in seqs)
         if guided:  # the masks need the previous step's tokens: read back while the device runs this step
             outputs += self._read_back()
@@ -209,6 +218,18 @@ class LLMEngine:
         if not self.overlap:
             outputs += self._read_back()
         return outputs
+
+    def _keep_scores(self) -> None:
+        """Read the step's prompt logprobs back (a scoring request's prefill: it waits for this step) and
+        keep the positions not kept yet (a preempted sequence recomputes its prompt)."""
+        for sc in self.runner.last_scores:
+            tr = self.tracked.get(sc.seq.seq_id)
+            if tr is None or tr.prompt_lp is None:
+                continue
+            chosen, rank, vals, ids = sc.chosen.tolist(), sc.rank.tolist(), sc.top_vals.tolist(), sc.top_ids.tolist()
+            for i in range(max(0, len(tr.prompt_lp) - sc.first - 1), len(chosen)):
+                tr.prompt_lp.append((sc.seq.token_ids[sc.first + 1 + i], chosen[i], rank[i], list(zip(ids[i], vals[i]))))
+        self.runner.last_scores = []
 
     def _may_run_ahead(self) -> bool:
         return self.overlap and self.runner.device_tokens and not any(s.reads_tokens for s in self.scheduler.running)
@@ -258,13 +279,14 @@ class LLMEngine:
         logprobs = None
         if res.logprob is not None:
             logprobs = [(res.token_id, res.logprob, res.top or [])]
+        prompt_lp, tr.prompt_lp = tr.prompt_lp, None
         if reason is not None:
             self.tracked.pop(seq.seq_id, None)
             group = self.by_request.get(seq.request_id, [])
             if all(s.is_finished for s in group):
                 self.by_request.pop(seq.request_id, None)
         return SeqOutput(seq.request_id, seq.index, text, new_tokens, reason is not None, reason,
-                         seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens, logprobs)
+                         seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens, logprobs, prompt_lp)
 
     # --- load report --------------------------------------------------------------------------------
 

@@ -113,8 +113,8 @@ class BlockManager:
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Ids of cached blocks that hold a prefix of seq's tokens (leaving >= 1 token to compute)."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []  # a scored prompt computes every position: its logprobs come from its prefill
         hits: list[int] = []
         prev = seq.cache_root
         bs = self.block_size
@@ -147,7 +147,8 @@ class BlockManager:
         seq.num_hashed_blocks = len(hits)
         seq.last_hash = self.blocks[hits[-1]].hash if hits else seq.cache_root
         computed = len(hits) * self.block_size
-        tail, common = self._matching_tail(seq, seq.last_hash, computed) if self.enable_prefix_caching else (-1, 0)
+        reuse = self.enable_prefix_caching and seq.params.prompt_logprobs is None
+        tail, common = self._matching_tail(seq, seq.last_hash, computed) if reuse else (-1, 0)
         if common:  # take the kept tail over: its first `common` slots already hold these tokens
             block = self.blocks[tail]
             del self.free[tail]

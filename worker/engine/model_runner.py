@@ -66,8 +66,26 @@ class CacheConfig:
             raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)} (got {self.dtype!r})")
 
 
+@dataclass(slots=True)
+class PromptScores:
+    """Logprobs of prompt tokens `first + 1 .. first + n` of `seq`, each from the logits at the position
+    before it, computed in the step that prefilled them (no second forward pass). On the device until
+    the engine reads them back: chosen [n], rank [n] (1 = the model's top choice), top values/ids [n, k]."""
+
+    seq: Sequence
+    first: int
+    chosen: torch.Tensor
+    rank: torch.Tensor
+    top_vals: torch.Tensor
+    top_ids: torch.Tensor
+
+
+SCORE_ROWS = 512  # rows of [rows, vocab] fp32 logits scored at once (bounded memory for long prompts)
+
+
 class ModelRunner:
     device_tokens = True  # a step can take input tokens still on the device from the previous step's sampling
+    scores_prompts = True  # computes prompt logprobs in the prefill pass (`last_scores`)
 
     def __init__(self, model: LlamaModel, cache: CacheConfig, max_num_seqs: int, max_model_len: int,
                  use_cuda_graphs: bool = True):
@@ -99,6 +117,7 @@ class ModelRunner:
                      str(self.kv_dtype).removeprefix("torch."), torch.cuda.memory_allocated(self.device) / 2**30)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
+        self.last_scores: list[PromptScores] = []  # the last step's prompt logprobs
         if use_cuda_graphs and self.device.type == "cuda":
             self._capture_graphs(max_num_seqs)
 
@@ -235,9 +254,35 @@ class ModelRunner:
         ids, pos, meta, rows = self._prepare(batch, prev_tokens)  # decode items first: rows follow that order
         seqs = [it.seq for it in batch.items if it.samples]
         hidden = self.model.hidden(ids, pos, self.kv_caches, meta)
+        self.last_scores = self._score_prompts(batch, hidden)
         if not rows:
             return torch.empty((0, self.cfg.vocab_size), device=self.device), seqs
         return self.model.logits(hidden[self._to_device(int_tensor(rows))]), seqs
+
+    def _score_prompts(self, batch: Batch, hidden: torch.Tensor) -> list[PromptScores]:
+        """Prompt logprobs of the items that ask for them (`params.prompt_logprobs`): the hidden state at
+        position p scores prompt token p + 1. hidden: [T, dim], the items' rows in batch order."""
+        out: list[PromptScores] = []
+        row = 0
+        for it in batch.items:
+            seq, start = it.seq, it.seq.num_computed_tokens
+            first_row, row = row, row + it.num_tokens
+            k = seq.params.prompt_logprobs
+            end = min(start + it.num_tokens, seq.num_prompt_tokens - 1)  # the last prompt position samples
+            if k is None or start >= end:
+                continue
+            targets = self._to_device(int_tensor(seq.token_ids[start + 1 : end + 1]))
+            parts = []
+            for a in range(0, end - start, SCORE_ROWS):
+                b = min(a + SCORE_ROWS, end - start)
+                lp = self.model.logits(hidden[first_row + a : first_row + b]).log_softmax(dim=-1)
+                chosen = lp.gather(1, targets[a:b, None]).squeeze(1)
+                rank = (lp > chosen[:, None]).sum(dim=1) + 1
+                vals, top = lp.topk(k, dim=-1) if k else (lp[:, :0], targets[a:b, None][:, :0])
+                parts.append((chosen, rank, vals, top))
+            cat = [torch.cat(t) for t in zip(*parts)]
+            out.append(PromptScores(seq, start, *cat))
+        return out
 
     @torch.inference_mode()
     def embed(self, inputs: list[list[int]], max_batch_tokens: int = 8192) -> list[torch.Tensor]:

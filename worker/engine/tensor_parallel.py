@@ -263,6 +263,8 @@ def _peer_main(rank: int, world: int, port: int, source: ShardSource, conn: mult
 class TensorParallelRunner(ModelRunner):
     """Rank 0's model runner: tells the other ranks each step, then runs its own slice of it."""
 
+    scores_prompts = False  # prompt logprobs are not gathered across ranks yet: refused with a 400
+
     def __init__(self, model: LlamaModel, cache: CacheConfig, max_num_seqs: int, max_model_len: int,
                  use_cuda_graphs: bool, peers: list[multiprocessing.connection.Connection], procs: list[Any]):
         self.peers, self.procs = peers, procs
