@@ -21,7 +21,7 @@ from typing import Any
 from chatserve.conversation import DEFAULT_TEMPLATE, Template, TemplateRegistry
 from chatserve.protocol.chat import arguments_object
 from chatserve.tools.formats import ToolFormat, detect_format, get_format, template_takes_tools
-from chatserve.tools.reasoning import PARSERS, starts_open, template_reasons
+from chatserve.tools.reasoning import OPEN, PARSERS, starts_open, template_reasons
 
 log = logging.getLogger("chatserve.worker")
 
@@ -103,7 +103,8 @@ class PromptRenderer:
         self.tool_format = get_format(tool_format or detect_format(source, model_name))
         if reasoning not in PARSERS:
             raise ValueError(f"--reasoning-parser must be one of {', '.join(PARSERS)} (got {reasoning!r})")
-        self.reasons = reasoning == "think" or (reasoning == "auto" and template_reasons(source))
+        named_reasons = self.default is not None and OPEN in self.default.generation_prefix
+        self.reasons = reasoning == "think" or (reasoning == "auto" and (template_reasons(source) or named_reasons))
         log.info("chat template: %s; tool calls: %s format, %s", self.default.name if self.default else
                  "the tokenizer's own", self.tool_format.name,
                  "tools rendered by the template" if self.native_tools else "tools written into the prompt")

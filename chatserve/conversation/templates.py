@@ -234,6 +234,16 @@ TEMPLATES: tuple[Template, ...] = (
         stop=("</s>",),
         match=("colossal-llama", "colossal_llama"),
     ),
+    Template(
+        # DeepSeek-R1 distills (Llama and Qwen): the generation prompt opens the reasoning span
+        name="deepseek-r1",
+        description="DeepSeek-R1 distills: <｜User｜> / <｜Assistant｜>, the reply starts inside <think>",
+        user="<｜User｜>{content}",
+        assistant="<｜Assistant｜>{content}<｜end▁of▁sentence｜>",
+        generation_prefix="<｜Assistant｜><think>\n",
+        stop=("<｜end▁of▁sentence｜>",),
+        match=("deepseek-r1", "r1-distill"),
+    ),
     ZERO_SHOT,
     replace(ZERO_SHOT, name="one_shot", examples=(ONE_SHOT_EXAMPLE,),
             description="zero_shot with FastChat's one example exchange before the conversation"),

@@ -205,7 +205,7 @@ class Upstream:
                     # trusted internal peer: validate only the rare chunks with nested logprobs. token_ids given
                     # (a start event has none): model_construct's default_factory path calls inspect.signature
                     data.setdefault("token_ids", [])
-                    yield GenerateChunk(**data) if data.get("logprobs") else GenerateChunk.model_construct(**data)
+                    yield GenerateChunk(**data) if data.get("logprobs") or "prompt_logprobs" in data else GenerateChunk.model_construct(**data)
         except httpx.HTTPError as exc:
             raise WorkerUnreachable(f"{type(exc).__name__}: {exc}") from exc
 

@@ -46,6 +46,9 @@ GOLDEN = {
     ("chatml", "sys"): "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
     ("belle", "3"): "Human: \nA\n\nAssistant: \nB</s>Human: \nC\n\nAssistant: \nD</s>Human: \nE\n\nAssistant: \n",
     ("raw", "3"): "A\nB\nC\nD\nE\n",
+    ("deepseek-r1", "sys"): "SYS<｜User｜>Hi<｜Assistant｜><think>\n",
+    ("deepseek-r1", "3"): "<｜User｜>A<｜Assistant｜>B<｜end▁of▁sentence｜><｜User｜>C<｜Assistant｜>D<｜end▁of▁sentence｜>"
+                          "<｜User｜>E<｜Assistant｜><think>\n",
 }
 
 
