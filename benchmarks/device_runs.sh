@@ -4,6 +4,7 @@
 # says: fastapi, uvicorn, uvloop, httptools, pydantic and their wheels, py-spy (serve's profiles), and .whl/tok,
 # a tokenizer folder.
 #
+#   benchmarks/device_runs.sh scoring  # prompt logprobs (echo+logprobs requests) vs transformers' forward, 7B shape
 #   benchmarks/device_runs.sh engine   # 512-request workload and batch-1 decode, bf16 and fp8 KV cache, with the
 #                                      # transformers baselines (generate at batch 1, generate_batch), in one run
 #   benchmarks/device_runs.sh ablations  # batch-1 decode: GEMV or cuBLAS, running ahead or not (no HF baselines)
@@ -22,6 +23,8 @@ if [ -d .whl ]; then
     export PYTHONPATH=/tmp/site:.
 fi
 case "${1:-}" in
+scoring)  # lm-eval-style echo+logprobs scoring of 512 prompts x 256 tokens against transformers' forward
+    python3 benchmarks/scoring.py > "$OUT/scoring.txt" ;;
 engine)
     python3 benchmarks/engine_offline.py --kv-cache-dtype fp8 --baselines batch1,continuous > "$OUT/engine_offline.txt" ;;
 ablations)

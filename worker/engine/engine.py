@@ -197,7 +197,7 @@ class LLMEngine:
         self.last_step_decode_only = batch.is_decode_only
         prev = self.inflight.tokens if self.inflight is not None else None
         logits, seqs = self.runner.execute(batch, prev)
-        if self.runner.last_scores:
+        if self.runner.last_scores is not None:
             self._keep_scores()
         guided = any(s.constraint is not None for s in seqs)
         if guided:  # the masks need the previous step's tokens: read back while the device runs this step
@@ -220,16 +220,19 @@ class LLMEngine:
         return outputs
 
     def _keep_scores(self) -> None:
-        """Read the step's prompt logprobs back (a scoring request's prefill: it waits for this step) and
-        keep the positions not kept yet (a preempted sequence recomputes its prompt)."""
-        for sc in self.runner.last_scores:
-            tr = self.tracked.get(sc.seq.seq_id)
+        """Read the step's prompt logprobs back (a scoring request's prefill: it waits for this step), one
+        copy per tensor, and keep the positions not kept yet (a preempted sequence recomputes its prompt)."""
+        sc, self.runner.last_scores = self.runner.last_scores, None
+        assert sc is not None
+        chosen, rank, vals, ids = sc.chosen.tolist(), sc.rank.tolist(), sc.top_vals.tolist(), sc.top_ids.tolist()
+        for seq, first, offset, count in sc.items:
+            tr = self.tracked.get(seq.seq_id)
             if tr is None or tr.prompt_lp is None:
                 continue
-            chosen, rank, vals, ids = sc.chosen.tolist(), sc.rank.tolist(), sc.top_vals.tolist(), sc.top_ids.tolist()
-            for i in range(max(0, len(tr.prompt_lp) - sc.first - 1), len(chosen)):
-                tr.prompt_lp.append((sc.seq.token_ids[sc.first + 1 + i], chosen[i], rank[i], list(zip(ids[i], vals[i]))))
-        self.runner.last_scores = []
+            k, tokens = seq.params.prompt_logprobs or 0, seq.token_ids
+            for i in range(max(0, len(tr.prompt_lp) - first - 1), count):
+                r = offset + i
+                tr.prompt_lp.append((tokens[first + 1 + i], chosen[r], rank[r], list(zip(ids[r][:k], vals[r][:k]))))
 
     def _may_run_ahead(self) -> bool:
         return self.overlap and self.runner.device_tokens and not any(s.reads_tokens for s in self.scheduler.running)

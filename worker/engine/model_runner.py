@@ -68,19 +68,20 @@ class CacheConfig:
 
 @dataclass(slots=True)
 class PromptScores:
-    """Logprobs of prompt tokens `first + 1 .. first + n` of `seq`, each from the logits at the position
-    before it, computed in the step that prefilled them (no second forward pass). On the device until
-    the engine reads them back: chosen [n], rank [n] (1 = the model's top choice), top values/ids [n, k]."""
+    """Logprobs of prompt tokens, each from the logits at the position before it, computed in the step that
+    prefilled them (no second forward pass), for every item of a step that asked: item i scores tokens
+    `first + 1 .. first + count` of its sequence, rows `offset .. offset + count` of the tensors. On the
+    device until the engine reads them back: chosen [R], rank [R] (1 = the model's top choice), top
+    values / ids [R, k] (k: the largest any item asked for)."""
 
-    seq: Sequence
-    first: int
+    items: list[tuple[Sequence, int, int, int]]  # (seq, first, offset, count)
     chosen: torch.Tensor
     rank: torch.Tensor
     top_vals: torch.Tensor
     top_ids: torch.Tensor
 
 
-SCORE_ROWS = 512  # rows of [rows, vocab] fp32 logits scored at once (bounded memory for long prompts)
+SCORE_ROWS = 4096  # rows of [rows, vocab] fp32 logits scored at once: bounded memory (0.5 GB at a 32k vocab)
 
 
 class ModelRunner:
@@ -117,7 +118,7 @@ class ModelRunner:
                      str(self.kv_dtype).removeprefix("torch."), torch.cuda.memory_allocated(self.device) / 2**30)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
-        self.last_scores: list[PromptScores] = []  # the last step's prompt logprobs
+        self.last_scores: PromptScores | None = None  # the last step's prompt logprobs
         if use_cuda_graphs and self.device.type == "cuda":
             self._capture_graphs(max_num_seqs)
 
@@ -259,30 +260,35 @@ class ModelRunner:
             return torch.empty((0, self.cfg.vocab_size), device=self.device), seqs
         return self.model.logits(hidden[self._to_device(int_tensor(rows))]), seqs
 
-    def _score_prompts(self, batch: Batch, hidden: torch.Tensor) -> list[PromptScores]:
+    def _score_prompts(self, batch: Batch, hidden: torch.Tensor) -> PromptScores | None:
         """Prompt logprobs of the items that ask for them (`params.prompt_logprobs`): the hidden state at
-        position p scores prompt token p + 1. hidden: [T, dim], the items' rows in batch order."""
-        out: list[PromptScores] = []
-        row = 0
+        position p scores prompt token p + 1. All of a step's scored rows go through the LM head together,
+        SCORE_ROWS at a time. hidden: [T, dim], the items' rows in batch order."""
+        items, rows, targets = [], [], []
+        row = k = 0
         for it in batch.items:
             seq, start = it.seq, it.seq.num_computed_tokens
             first_row, row = row, row + it.num_tokens
-            k = seq.params.prompt_logprobs
             end = min(start + it.num_tokens, seq.num_prompt_tokens - 1)  # the last prompt position samples
-            if k is None or start >= end:
+            if seq.params.prompt_logprobs is None or start >= end:
                 continue
-            targets = self._to_device(int_tensor(seq.token_ids[start + 1 : end + 1]))
-            parts = []
-            for a in range(0, end - start, SCORE_ROWS):
-                b = min(a + SCORE_ROWS, end - start)
-                lp = self.model.logits(hidden[first_row + a : first_row + b]).log_softmax(dim=-1)
-                chosen = lp.gather(1, targets[a:b, None]).squeeze(1)
-                rank = (lp > chosen[:, None]).sum(dim=1) + 1
-                vals, top = lp.topk(k, dim=-1) if k else (lp[:, :0], targets[a:b, None][:, :0])
-                parts.append((chosen, rank, vals, top))
-            cat = [torch.cat(t) for t in zip(*parts)]
-            out.append(PromptScores(seq, start, *cat))
-        return out
+            items.append((seq, start, len(targets), end - start))
+            rows.extend(range(first_row, first_row + end - start))
+            targets.extend(seq.token_ids[start + 1 : end + 1])
+            k = max(k, seq.params.prompt_logprobs)
+        if not items:
+            return None
+        rows_t, targets_t = self._to_device(int_tensor(rows)), self._to_device(int_tensor(targets))
+        parts = []
+        for a in range(0, len(rows), SCORE_ROWS):
+            idx, tgt = rows_t[a : a + SCORE_ROWS], targets_t[a : a + SCORE_ROWS]
+            lp = self.model.logits(hidden.index_select(0, idx)).log_softmax(dim=-1)
+            chosen = lp.gather(1, tgt[:, None]).squeeze(1)
+            rank = (lp > chosen[:, None]).sum(dim=1) + 1
+            vals, top = lp.topk(k, dim=-1) if k else (lp[:, :0], tgt[:, None][:, :0])
+            parts.append((chosen, rank, vals, top))
+        cat = [torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts)]
+        return PromptScores(items, *cat)
 
     @torch.inference_mode()
     def embed(self, inputs: list[list[int]], max_batch_tokens: int = 8192) -> list[torch.Tensor]:
