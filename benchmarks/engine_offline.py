@@ -94,6 +94,19 @@ def hf_continuous(model, prompts: list[list[int]], new: int, device: str) -> dic
     return {"output_tokens": tokens, "seconds": round(dt, 2), "output_tok_s": round(tokens / dt, 1)}
 
 
+def our_model(hf, device: str, dtype: torch.dtype) -> LlamaModel:
+    """chatserve's model with the weights of a transformers one (built on the meta device: no second init)."""
+    from worker.engine.model import rope_inv_freq
+
+    cfg = LlamaConfig.from_hf(hf.config)
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.load_hf_state_dict(hf.state_dict())
+    return model
+
+
 def build_engine(model: LlamaModel, max_num_seqs: int, budget: int, graphs: bool, cpu_tokens: int,
                  kv_dtype: str = "auto") -> LLMEngine:
     runner = ModelRunner(model, CacheConfig(block_size=16, cpu_cache_tokens=cpu_tokens, dtype=kv_dtype), max_num_seqs, 2048,
@@ -195,14 +208,8 @@ def main() -> None:
             result["hf_generate_batch"] = {"requests": len(subset), **hf_continuous(hf, subset, a.output, a.device)}
         except Exception as exc:  # noqa: BLE001 - report, keep measuring ours
             result["hf_generate_batch"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    cfg = LlamaConfig.from_hf(hf.config)
-    with torch.device("meta"):
-        model = LlamaModel(cfg)
-    model = model.to_empty(device=a.device).to(dtype)
-    from worker.engine.model import rope_inv_freq
-
-    model.inv_freq = rope_inv_freq(cfg).to(a.device)
-    model.load_hf_state_dict(hf.state_dict())
+    model = our_model(hf, a.device, dtype)
+    cfg = model.cfg
     del hf
     gc.collect()
     if a.device == "cuda":

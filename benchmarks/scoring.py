@@ -21,9 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.engine_offline import SHAPES, build_engine, hf_model, sync, workload  # noqa: E402
+from benchmarks.engine_offline import SHAPES, build_engine, hf_model, our_model, sync, workload  # noqa: E402
 from chatserve.protocol.sampling import SamplingParams  # noqa: E402
-from worker.engine.model import LlamaConfig, LlamaModel, rope_inv_freq  # noqa: E402
 
 
 def hf_scores(model, prompts: list[list[int]], batch: int, device: str) -> tuple[float, list[list[float]]]:
@@ -60,6 +59,31 @@ def engine_scores(engine, prompts: list[list[int]], scored: bool) -> tuple[float
     return time.perf_counter() - t0, got
 
 
+def timed_parts(engine) -> dict[str, float]:
+    """Wrap the runner's scoring pass and the engine's read-back with synchronized timers (a diagnostic
+    run after the timed ones: the synchronizations cost the running ahead)."""
+    spent = {"score_pass_s": 0.0, "read_back_s": 0.0, "forward_s": 0.0}
+    runner = engine.runner
+    dev = str(runner.device)
+
+    def wrap(obj, name, key):
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            sync(dev)
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            sync(dev)
+            spent[key] += time.perf_counter() - t0
+            return out
+        setattr(obj, name, timed)
+
+    wrap(runner, "_score_prompts", "score_pass_s")
+    wrap(engine, "_keep_scores", "read_back_s")
+    wrap(runner.model, "hidden", "forward_s")
+    return spent
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="7b", choices=list(SHAPES))
@@ -68,22 +92,18 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--budget", type=int, default=8192, help="tokens per engine step")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a = ap.parse_args()
-    dtype = torch.bfloat16
+    dtype = getattr(torch, a.dtype)
     prompts = workload(a.requests, a.prompt, a.prompt, SHAPES[a.shape]["vocab_size"])
     tokens = a.requests * a.prompt
-    result: dict = {"shape": a.shape, "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+    result: dict = {"dtype": a.dtype, "shape": a.shape, "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
                     "torch": torch.__version__, "requests": a.requests, "prompt_tokens_each": a.prompt}
     hf = hf_model(a.shape, dtype, a.device)
     hf_s, hf_first = hf_scores(hf, prompts, a.hf_batch, a.device)
     result["hf_forward"] = {"batch": a.hf_batch, "seconds": round(hf_s, 3), "prompt_tok_s": round(tokens / hf_s)}
     print(json.dumps(result), flush=True)
-    cfg = LlamaConfig.from_hf(hf.config)
-    with torch.device("meta"):
-        model = LlamaModel(cfg)
-    model = model.to_empty(device=a.device).to(dtype)
-    model.inv_freq = rope_inv_freq(cfg).to(a.device)
-    model.load_hf_state_dict(hf.state_dict())
+    model = our_model(hf, a.device, dtype)
     del hf
     gc.collect()
     if a.device == "cuda":
@@ -93,6 +113,9 @@ def main() -> None:
     engine.blocks.enable_prefix_caching = False  # the timed runs compute every prompt in full, as HF does
     plain_s, _ = engine_scores(engine, prompts, False)
     scored_s, got = engine_scores(engine, prompts, True)
+    spent = timed_parts(engine)
+    engine_scores(engine, prompts, True)
+    result["diagnostic_synchronized_parts"] = {k: round(v, 3) for k, v in spent.items()}
     diffs = sorted(abs(x - y) for i, row in enumerate(hf_first) for x, y in zip(got[i], row))
     result["chatserve_scoring"] = {"seconds": round(scored_s, 3), "prompt_tok_s": round(tokens / scored_s)}
     result["chatserve_prefill_only"] = {"seconds": round(plain_s, 3), "prompt_tok_s": round(tokens / plain_s)}

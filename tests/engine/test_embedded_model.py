@@ -63,18 +63,25 @@ def test_bf16_default_answers_paris_with_a_bf16_or_fp8_kv_cache(embedded_bf16, k
     engine = LLMEngine(runner, loaded.tokenizer)
     # every generated token attends over cached K/V (fp8 ones with an fp8 cache); the second request also
     # finds the whole prompt but its last token in the cache
-    answers = []
+    answers, firsts = [], []
     for rid in ("p", "q"):
         engine.add_request(rid, chat_ids(loaded.tokenizer, "What is the capital of France?"),
-                           SamplingParams(max_tokens=16, temperature=0))
-        text = []
+                           SamplingParams(max_tokens=16, temperature=0, logprobs=5))
+        text, first = [], None
         while engine.has_unfinished():
-            text += [o.text for o in engine.step()]
+            for o in engine.step():
+                text.append(o.text)
+                first = first or dict(o.logprobs[0][2])
         answers.append("".join(text))
+        firsts.append(first)
     assert "Paris" in answers[0]
     assert engine.blocks.hit_tokens == len(chat_ids(loaded.tokenizer, "What is the capital of France?")) - 1
-    if kv_dtype == "auto":  # the same cache contents as a cold prompt's: the same answer
-        assert answers[1] == answers[0]
+    if kv_dtype == "auto":
+        # the same cache contents as a cold prompt's: the same first-token distribution, to bf16's rounding. Not
+        # the same greedy text: here "The" leads "L" by 0.12 nats, and CPUs without native bf16 (AVX2: bf16
+        # matmuls emulated) round the two attention paths apart by about that much (seen: a tie, then "L")
+        common = set(firsts[0]) & set(firsts[1])
+        assert len(common) >= 4 and max(abs(firsts[0][t] - firsts[1][t]) for t in common) < 0.2
     else:  # the prompt now attends over its own fp8 keys and values, not the unrounded ones: a fair answer
         assert answers[1]
 

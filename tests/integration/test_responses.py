@@ -11,20 +11,14 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel, Field
-
 from tests import procs
+from tests.integration.test_tools import Capital
 
 pytestmark = pytest.mark.integration
 
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}}, "required": ["city"],
         "additionalProperties": False}
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Current weather of a city", "parameters": CITY}]
-
-
-class Capital(BaseModel):
-    city: str = Field(max_length=24)
-    country: str = Field(max_length=24)
 
 
 @pytest.fixture(scope="module")

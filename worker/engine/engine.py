@@ -18,9 +18,9 @@ from chatserve.protocol.sampling import SamplingParams
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.guided import Guide
 from worker.engine.kv_cache import BlockManager
-from worker.engine.model_runner import ModelRunner
+from worker.engine.model_runner import ModelRunner, PromptScores
 from worker.engine.request import PLACEHOLDER, Sequence
-from worker.engine.sampler import PendingSample, SampleResult, sample_launch
+from worker.engine.sampler import PendingSample, SampleResult, to_host, sample_launch
 from worker.engine.scheduler import Scheduler
 from worker.engine.stopping import StopChecker
 
@@ -61,6 +61,16 @@ class _EmbedJob:
     done: int = 0  # inputs embedded so far, in order
 
 
+def _scoresto_host(sc: PromptScores) -> tuple[PromptScores, Any]:
+    """Queue a step's prompt logprobs' copies to the host behind it, with an event to wait for."""
+    host = PromptScores(sc.items, *(to_host(t) for t in (sc.chosen, sc.rank, sc.top_vals, sc.top_ids)))
+    ready = None
+    if sc.chosen.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    return host, ready
+
+
 @dataclass
 class ThroughputMeter:
     """Generated tokens over the last `window` seconds (reported to the controller)."""
@@ -96,6 +106,7 @@ class LLMEngine:
         self.inflight: PendingSample | None = None  # the step whose tokens are not read back yet
         self._guide: Guide | None = None
         self.embed_jobs: deque[_EmbedJob] = deque()
+        self.scores_queued: deque[tuple[PromptScores, Any]] = deque()  # prompt logprobs on their way to the host
         # running ahead (below) pays only where the device runs asynchronously: on a CPU the forward pass
         # blocks, so a step's tokens are read back at its end
         self.overlap = runner.device.type == "cuda"
@@ -197,8 +208,7 @@ class LLMEngine:
         self.last_step_decode_only = batch.is_decode_only
         prev = self.inflight.tokens if self.inflight is not None else None
         logits, seqs = self.runner.execute(batch, prev)
-        if self.runner.last_scores is not None:
-            self._keep_scores()
+        scores, self.runner.last_scores = self.runner.last_scores, None
         guided = any(s.constraint is not None for s in seqs)
         if guided:  # the masks need the previous step's tokens: read back while the device runs this step
             outputs += self._read_back()
@@ -214,31 +224,36 @@ class LLMEngine:
             seq.pending_row = row
             seq.final_pending = seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
         self.throughput.add(live)
+        if scores is not None:  # read back with this step's tokens (after the step above): no wait now
+            self.scores_queued.append(_scoresto_host(scores))
         self.inflight = queued
         if not self.overlap:
             outputs += self._read_back()
         return outputs
 
     def _keep_scores(self) -> None:
-        """Read the step's prompt logprobs back (a scoring request's prefill: it waits for this step), one
-        copy per tensor, and keep the positions not kept yet (a preempted sequence recomputes its prompt)."""
-        sc, self.runner.last_scores = self.runner.last_scores, None
-        assert sc is not None
-        chosen, rank, vals, ids = sc.chosen.tolist(), sc.rank.tolist(), sc.top_vals.tolist(), sc.top_ids.tolist()
-        for seq, first, offset, count in sc.items:
-            tr = self.tracked.get(seq.seq_id)
-            if tr is None or tr.prompt_lp is None:
-                continue
-            k, tokens = seq.params.prompt_logprobs or 0, seq.token_ids
-            for i in range(max(0, len(tr.prompt_lp) - first - 1), count):
-                r = offset + i
-                tr.prompt_lp.append((tokens[first + 1 + i], chosen[r], rank[r], list(zip(ids[r][:k], vals[r][:k]))))
+        """Put the prompt logprobs of the steps read back so far in place (their copies were queued behind
+        their steps), keeping the positions not kept yet (a preempted sequence recomputes its prompt)."""
+        while self.scores_queued:
+            sc, ready = self.scores_queued.popleft()
+            if ready is not None:
+                ready.synchronize()
+            chosen, rank, vals, ids = (t.tolist() for t in (sc.chosen, sc.rank, sc.top_vals, sc.top_ids))
+            for seq, first, offset, count in sc.items:
+                tr = self.tracked.get(seq.seq_id)
+                if tr is None or tr.prompt_lp is None:
+                    continue
+                k, tokens, kept = seq.params.prompt_logprobs or 0, seq.token_ids, tr.prompt_lp
+                for i in range(max(0, len(kept) - first - 1), count):
+                    r = offset + i
+                    kept.append((tokens[first + 1 + i], chosen[r], rank[r], list(zip(ids[r][:k], vals[r][:k]))))
 
     def _may_run_ahead(self) -> bool:
         return self.overlap and self.runner.device_tokens and not any(s.reads_tokens for s in self.scheduler.running)
 
     def _read_back(self) -> list[SeqOutput]:
         """Wait for the step in flight; put its tokens in place, apply stop conditions, detokenize."""
+        self._keep_scores()  # a step's prompt logprobs before its tokens: a first output carries them
         inflight, self.inflight = self.inflight, None
         if inflight is None:
             return []

@@ -54,7 +54,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
+def to_host(t: torch.Tensor) -> torch.Tensor:
     """Queue a copy of t to (pinned) host memory; on a CPU, t itself."""
     if not t.is_cuda:
         return t
@@ -99,8 +99,8 @@ def _launched(tokens: torch.Tensor, seqs: list[Sequence], raw_logprobs: torch.Te
         k = max((s.params.logprobs or 0) for s in seqs)
         chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k else (raw_logprobs[:, :0], tokens[:, None][:, :0])
-        host_logprobs = (_to_host(chosen), _to_host(top_vals), _to_host(top_ids))
-    host_tokens = _to_host(tokens)
+        host_logprobs = (to_host(chosen), to_host(top_vals), to_host(top_ids))
+    host_tokens = to_host(tokens)
     ready = None
     if tokens.is_cuda:
         ready = torch.cuda.Event()
