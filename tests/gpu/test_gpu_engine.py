@@ -165,3 +165,19 @@ def test_gpu_batch1_decode_runs_ahead_and_matches_transformers(hf_gpu):
     p = prompts(21, 1, 40, 40)[0]
     out = run(engine, {0: [("one", p, 48)]})
     assert out["one"] == hf_greedy(hf_gpu, p, 48)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "phi3"])
+def test_gpu_architectures_match_transformers_with_graphs_and_triton(kind):
+    """Each architecture of the table with CUDA graphs, the fused RoPE + cache-write kernel (after Qwen 3's
+    q/k norms) and the Triton decode kernel, in fp32, against transformers."""
+    from tests.engine.test_architectures import _build
+
+    hf = _build(kind, seed=5, vocab_size=32000, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+                num_key_value_heads=4, max_position_embeddings=2048).cuda()
+    engine = engine_for(hf, block_size=16, budget=256, max_num_seqs=16)
+    assert engine.runner.graphs
+    ps = prompts(7, 6, 5, 200)
+    out = run(engine, {0: [(f"r{i}", p, 16) for i, p in enumerate(ps[:3])], 3: [(f"r{i}", p, 16) for i, p in enumerate(ps[3:], 3)]})
+    for i, p in enumerate(ps):
+        assert out[f"r{i}"] == hf_greedy(hf, p, 16), (kind, i)

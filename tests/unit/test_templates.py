@@ -46,6 +46,14 @@ GOLDEN = {
     ("chatml", "sys"): "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
     ("belle", "3"): "Human: \nA\n\nAssistant: \nB</s>Human: \nC\n\nAssistant: \nD</s>Human: \nE\n\nAssistant: \n",
     ("raw", "3"): "A\nB\nC\nD\nE\n",
+    # Mistral-7B-Instruct's model card: "<s>[INST] What is your favourite condiment? [/INST]Well, ...</s> [INST]
+    # Do you have mayonnaise recipes? [/INST]" (the BOS token is added to the ids, not the text)
+    ("mistral", "3"): "[INST] A [/INST]B</s> [INST] C [/INST]D</s> [INST] E [/INST]",
+    ("mistral", "sys"): "[INST] SYS\n\nHi [/INST]",
+    # Phi-3's model card: "<|system|>\n...<|end|>\n<|user|>\nQuestion?<|end|>\n<|assistant|>\n"
+    ("phi-3", "sys"): "<|system|>\nSYS<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n",
+    ("phi-3", "3"): ("<|user|>\nA<|end|>\n<|assistant|>\nB<|end|>\n<|user|>\nC<|end|>\n<|assistant|>\nD<|end|>\n"
+                     "<|user|>\nE<|end|>\n<|assistant|>\n"),
     ("deepseek-r1", "sys"): "SYS<｜User｜>Hi<｜Assistant｜><think>\n",
     ("deepseek-r1", "3"): "<｜User｜>A<｜Assistant｜>B<｜end▁of▁sentence｜><｜User｜>C<｜Assistant｜>D<｜end▁of▁sentence｜>"
                           "<｜User｜>E<｜Assistant｜><think>\n",

@@ -1,6 +1,8 @@
-"""LLaMA-family decoder (LLaMA 1/2/3, SmolLM2, Vicuna, Alpaca, BELLE...: all `LlamaForCausalLM`) over a
-flat batch of tokens from many sequences, with attention on the paged KV cache.
+"""LLaMA-family decoder over a flat batch of tokens from many sequences, with attention on the paged KV cache.
 
+One model for every architecture served: LLaMA 1/2/3 (SmolLM2, Vicuna, Alpaca, BELLE, ...), Mistral, Qwen 2
+and 3, Phi-3. They differ in a few switches, the `ARCHITECTURES` table: biases on q/k/v (Qwen 2), an RMSNorm
+on each head of q and k before RoPE (Qwen 3), checkpoints with q/k/v and gate/up already fused (Phi-3).
 Tokens of all scheduled sequences are packed into one dimension (`[T, dim]`), so the projections and MLP
 run as single matmuls whatever mix of decode and prefill a step holds. q/k/v and gate/up are fused.
 """
@@ -19,6 +21,37 @@ from worker.engine.attention import AttentionMetadata, paged_attention
 
 
 @dataclass(frozen=True, slots=True)
+class Arch:
+    """What an architecture changes in the LLaMA decoder."""
+
+    qkv_bias: bool = False  # q/k/v projections with biases (Qwen 2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE (Qwen 3)
+
+
+# HF `architectures` names and GGUF / config `model_type`s served, with their switches
+ARCHITECTURES: dict[str, Arch] = {
+    "LlamaForCausalLM": Arch(), "MistralForCausalLM": Arch(), "Qwen2ForCausalLM": Arch(qkv_bias=True),
+    "Qwen3ForCausalLM": Arch(qk_norm=True), "Phi3ForCausalLM": Arch(),
+}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+
+
+def architecture_of(hf: Any) -> str:
+    """The architecture a transformers config declares (its `architectures`, else its `model_type`)."""
+    declared = getattr(hf, "architectures", None) or []
+    return declared[0] if declared else MODEL_TYPES.get(getattr(hf, "model_type", ""), str(getattr(hf, "model_type", "")))
+
+
+def sliding_window_of(hf: Any) -> int | None:
+    """The attention window a config enables (Mistral v0.1; Qwen's `use_sliding_window`), or None."""
+    window = getattr(hf, "sliding_window", None)
+    if getattr(hf, "model_type", "") in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False):
+        return None
+    return int(window) if window else None
+
+
+@dataclass(frozen=True, slots=True)
 class LlamaConfig:
     vocab_size: int
     hidden_size: int
@@ -34,6 +67,9 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
+    qkv_bias: bool = False
+    o_bias: bool = False  # LLaMA's and Qwen 3's `attention_bias` also biases o_proj
+    qk_norm: bool = False
 
     @classmethod
     def from_hf(cls, hf: Any) -> LlamaConfig:
@@ -45,6 +81,8 @@ class LlamaConfig:
         theta = getattr(hf, "rope_theta", None) or rope_params.get("rope_theta", 10000.0)
         if scaling is None and rope_params.get("rope_type", "default") != "default":
             scaling = rope_params
+        arch = ARCHITECTURES.get(architecture_of(hf), Arch())
+        attention_bias = bool(getattr(hf, "attention_bias", False))
         return cls(
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
@@ -60,6 +98,9 @@ class LlamaConfig:
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             bos_token_id=hf.bos_token_id,
             eos_token_ids=eos_ids,
+            qkv_bias=arch.qkv_bias or attention_bias,
+            o_bias=attention_bias,
+            qk_norm=arch.qk_norm,
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
@@ -154,15 +195,17 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.d, bias=False)
-        self.o_proj = Linear(self.h * self.d, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.d, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.h * self.d, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.d**-0.5
         self.tp_group: Any = None  # tensor parallel: this rank holds some heads; o_proj's partial sums add up
 
     def forward(self, x: torch.Tensor, rope: Rope, kv: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, (H + 2*KVH) * D]
+        qkv = self._norm_qk(self.qkv_proj(x))  # [T, (H + 2*KVH) * D]
         sizes = [self.h * self.d, self.kvh * self.d, self.kvh * self.d]
         if rope.fused:
             triton_kernels.rope_and_cache(qkv, rope.positions, rope.inv_freq, kv[0], kv[1], meta.slot_mapping,
@@ -177,10 +220,20 @@ class Attention(nn.Module):
             o = paged_attention(q, k, v.view(t, self.kvh, self.d), kv[0], kv[1], meta, self.scale)
         return all_reduce(self.o_proj(o.reshape(t, self.h * self.d)), self.tp_group)
 
+    def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Qwen 3: each head of q and of k RMS-normed (over head_dim), in place in qkv [..., (H + 2*KVH) * D]."""
+        if self.q_norm is None or self.k_norm is None:
+            return qkv
+        hd, kd = self.h * self.d, self.kvh * self.d
+        q, k = qkv[..., :hd], qkv[..., hd : hd + kd]
+        q.copy_(self.q_norm(q.unflatten(-1, (self.h, self.d))).flatten(-2))
+        k.copy_(self.k_norm(k.unflatten(-1, (self.kvh, self.d))).flatten(-2))
+        return qkv
+
     def dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Cache-free causal attention over a right-padded batch x [B, L, dim] (embeddings)."""
         b, n = x.shape[:2]
-        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
+        q, k, v = self._norm_qk(self.qkv_proj(x)).split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
         q = apply_rope(q.view(b, n, self.h, self.d), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(b, n, self.kvh, self.d), cos, sin).transpose(1, 2)
         v = v.view(b, n, self.kvh, self.d).transpose(1, 2)
@@ -285,11 +338,15 @@ class LlamaModel(nn.Module):
             own[name].copy_(tensor)
             loaded.add(name)
 
-        for i in range(self.cfg.num_layers):
+        for i in range(self.cfg.num_layers):  # fused here unless the checkpoint is (Phi-3)
             p = f"layers.{i}."
-            put(p + "self_attn.qkv_proj.weight", torch.cat([state.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
-            put(p + "mlp.gate_up_proj.weight", torch.cat([state.pop(p + "mlp.gate_proj.weight"),
-                                                           state.pop(p + "mlp.up_proj.weight")]))
+            for kind in ("weight", "bias") if self.cfg.qkv_bias else ("weight",):
+                if p + f"self_attn.q_proj.{kind}" in state:
+                    put(p + f"self_attn.qkv_proj.{kind}",
+                        torch.cat([state.pop(p + f"self_attn.{n}_proj.{kind}") for n in "qkv"]))
+            if p + "mlp.gate_proj.weight" in state:
+                put(p + "mlp.gate_up_proj.weight", torch.cat([state.pop(p + "mlp.gate_proj.weight"),
+                                                               state.pop(p + "mlp.up_proj.weight")]))
         if "lm_head.weight" in state and not self.cfg.tie_word_embeddings:
             put("lm_head.weight", state.pop("lm_head.weight"))
         state.pop("lm_head.weight", None)
