@@ -1,8 +1,9 @@
-"""Non-streaming /v1/responses against /v1/chat/completions, the same conversations, over HTTP on one
-platform (controller, embedded-model worker, gateway as real processes): mean and p50/p90 latency at 1 user
-and at 64 concurrent users, alternating rounds so both see the same machine. Responses are stored (the
-API's default: one database write each) and, in a third arm, not stored. The same questions in every arm,
-the worker's prefix cache off. Prints one JSON object.
+"""Non-streaming /v1/responses against /v1/chat/completions, the same questions, over HTTP on one platform
+(controller, embedded-model worker, gateway as real processes): mean latency at 1 user (one request at a
+time, the kinds in turn) and at 64 concurrent users (the kinds side by side in each batch of 64, so every
+kind sees the same engine steps). Responses are stored (the API's default: one database write each) and,
+as a third kind, not stored. The worker's prefix cache is off, so no kind is served from another's.
+Prints one JSON object.
 
     python benchmarks/responses_latency.py                # 1 and 64 users, 32 tokens each
     python benchmarks/responses_latency.py --rounds 1     # quicker
@@ -49,19 +50,22 @@ async def one(client: httpx.AsyncClient, kind: str, user: int, tokens: int) -> t
     return time.perf_counter() - t0, out
 
 
-async def arm(url: str, kind: str, users: int, tokens: int) -> dict:
+async def arm(url: str, kinds: list[str], tokens: int) -> dict[str, list[float]]:
+    """One request per entry of `kinds`, all at once (user i asks question i // 3: each question once in
+    each arm), and each kind's latencies."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        results = await asyncio.gather(*(one(client, kind, u, tokens) for u in range(users)))
-    lat = sorted(t for t, _ in results)
-    return {"mean_s": statistics.mean(lat), "p50_s": lat[len(lat) // 2], "p90_s": lat[int(len(lat) * 0.9) - 1 if users > 1 else 0],
-            "output_tokens": sum(n for _, n in results)}
+        results = await asyncio.gather(*(one(client, k, u // 3, tokens) for u, k in enumerate(kinds)))
+    out: dict[str, list[float]] = {}
+    for kind, (t, _) in zip(kinds, results):
+        out.setdefault(kind, []).append(t)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of each arm per user count (each arm first in turn)")
-    ap.add_argument("--single-requests", type=int, default=8, help="sequential requests per round at 1 user")
+    ap.add_argument("--rounds", type=int, default=4, help="batches of 64 users (each kind a third of every batch)")
+    ap.add_argument("--single-requests", type=int, default=4, help="requests of each kind per round at 1 user")
     a = ap.parse_args()
     c = procs.controller().start()
     c.wait()
@@ -73,24 +77,28 @@ def main() -> None:
     try:
         w.wait(ok=procs.worker_registered, timeout=300)
         g.wait(ok=procs.gateway_has_models)
-        for kind in kinds:  # warm every path once
-            asyncio.run(arm(g.url, kind, 2, 4))
+        asyncio.run(arm(g.url, list(kinds), 4))  # warm every path once
+        # 1 user: one request at a time, the kinds in turn; 64 users: the three kinds side by side in one
+        # batch (users 0, 3, 6, ... chat; 1, 4, 7, ... responses; ...), so all see the same engine steps and
+        # what differs is each API's own path through the gateway
         for users in (1, 64):
-            samples: dict[str, list[dict]] = {k: [] for k in kinds}
-            for rnd in range(a.rounds):
-                order = kinds[rnd % len(kinds):] + kinds[:rnd % len(kinds)]  # each arm goes first in turn
-                for kind in order:
-                    if users == 1:
-                        runs = [asyncio.run(arm(g.url, kind, 1, a.tokens)) for _ in range(a.single_requests)]
-                        samples[kind].append({"mean_s": statistics.mean(r["mean_s"] for r in runs),
-                                              "output_tokens": sum(r["output_tokens"] for r in runs)})
-                    else:
-                        samples[kind].append(asyncio.run(arm(g.url, kind, users, a.tokens)))
-            res = {k: {"mean_latency_s": round(statistics.mean(s["mean_s"] for s in v), 4),
-                       "output_tokens": sum(s["output_tokens"] for s in v)} for k, v in samples.items()}
+            lat: dict[str, list[float]] = {k: [] for k in kinds}
+            rounds = []
+            for _ in range(a.rounds if users == 64 else a.rounds * a.single_requests):
+                if users == 1:
+                    for kind in kinds:
+                        lat[kind] += asyncio.run(arm(g.url, [kind], a.tokens))[kind]
+                else:
+                    got = asyncio.run(arm(g.url, [kinds[u % 3] for u in range(users)], a.tokens))
+                    rounds.append({k: round(statistics.mean(v), 3) for k, v in got.items()})
+                    for k, v in got.items():
+                        lat[k] += v
+            res: dict = {k: {"mean_latency_s": round(statistics.mean(v), 4), "requests": len(v)} for k, v in lat.items()}
             base = res["chat"]["mean_latency_s"]
             for k in kinds[1:]:
                 res[k]["ratio_vs_chat"] = round(res[k]["mean_latency_s"] / base, 3)
+            if rounds:
+                res["per_round_means_s"] = rounds
             out[f"users_{users}"] = res
             print(json.dumps(out), flush=True)
     finally:
