@@ -54,7 +54,7 @@ def engine_scores(engine, prompts: list[list[int]], scored: bool) -> tuple[float
     while engine.has_unfinished():
         for out in engine.step():
             if out.prompt_logprobs is not None:
-                got[int(out.request_id[1:].split("-")[0])] = [e[1] for e in out.prompt_logprobs[1:]]
+                got[int(out.request_id[1:].split("-")[0])] = out.prompt_logprobs.logprobs[1:]
     sync(str(engine.runner.device))
     return time.perf_counter() - t0, got
 

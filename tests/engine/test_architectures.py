@@ -152,3 +152,42 @@ def test_a_hub_id_loads_from_the_local_cache_offline(tmp_path, monkeypatch):
     assert run(engine, {0: [("x", p, 8)]})["x"] == hf_greedy(hf, p, 8)
     with pytest.raises(ModelLoadError, match="acme/absent.*not in the Hugging Face cache"):
         load_model("acme/absent", device="cpu", dtype=torch.float32, context_length=128)
+
+
+ROPE = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn-mscale": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16,
+                    "mscale": 1.0, "mscale_all_dim": 0.5},
+}
+
+
+@pytest.mark.parametrize("name", list(ROPE))
+def test_rope_scalings_match_transformers_past_the_original_context(name):
+    from tests.engine.conftest import tiny_hf
+
+    from chatserve.protocol.sampling import SamplingParams
+
+    hf = tiny_hf(seed=9, max_position_embeddings=256, rope_parameters={"rope_theta": 10000.0, **ROPE[name]})
+    p = _prompts(10, 1, 150, 150)[0]  # past the original 64 positions (and linear's 256 / 4)
+    engine = engine_for(hf, budget=64)
+    assert run(engine, {0: [("x", p, 12)]})["x"] == hf_greedy(hf, p, 12)
+    # and every position's logprob (greedy tokens alone would miss a scale on the attention scores)
+    engine.add_request("s", p, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+    got = None
+    while engine.has_unfinished():
+        got = next((o.prompt_logprobs for o in engine.step() if o.prompt_logprobs), got)
+    with torch.no_grad():
+        want = hf(torch.tensor([p])).logits[0, :-1].log_softmax(-1).gather(1, torch.tensor(p[1:])[:, None])[:, 0]
+    assert max(abs(e[1] - w) for e, w in zip(got[1:], want.tolist())) < 1e-3
+
+
+def test_an_unsupported_rope_scaling_is_refused_at_load(tmp_path):
+    _build("phi3", rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                                    "long_factor": [2.0] * 8, "original_max_position_embeddings": 256},
+           max_position_embeddings=1024).save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path)
+    with pytest.raises(ModelLoadError, match="longrope"):
+        load_model(str(tmp_path), device="cpu", dtype=torch.float32, context_length=512)

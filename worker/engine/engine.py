@@ -39,9 +39,39 @@ class SeqOutput:
     completion_tokens: int
     cached_tokens: int
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
-    # with the first output of a request that asked for them: every prompt token's (id, logprob, rank,
-    # top), None logprob and rank for the first token (nothing precedes it)
-    prompt_logprobs: list[tuple[int, float | None, int | None, list[tuple[int, float]]]] | None = None
+    # with the first output of a request that asked for them: every prompt token's
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """Every prompt token's logprob, rank and top alternatives, kept as columns: a step's scores are added
+    by slicing its read-back lists (no Python work per token on the engine's thread). Indexing gives
+    (id, logprob, rank, [(top id, logprob), ...]); the first token's logprob and rank are None."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    ranks: list[int | None]
+    top_ids: list[list[int]]
+    top_vals: list[list[float]]
+
+    @classmethod
+    def starting(cls, first_token: int) -> PromptLogprobs:
+        return cls([first_token], [None], [None], [[]], [[]])
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def _entry(self, i: int) -> tuple[int, float | None, int | None, list[tuple[int, float]]]:
+        return self.token_ids[i], self.logprobs[i], self.ranks[i], list(zip(self.top_ids[i], self.top_vals[i]))
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._entry(j) for j in range(*i.indices(len(self)))]
+        return self._entry(i)
+
+    def __iter__(self) -> Any:
+        return (self._entry(i) for i in range(len(self)))
 
 
 @dataclass(slots=True)
@@ -50,7 +80,7 @@ class _Tracked:
     detok: IncrementalDetokenizer
     stop: StopChecker
     sent_tokens: int = 0
-    prompt_lp: list | None = None  # scored prompt tokens so far (params.prompt_logprobs), until sent
+    prompt_lp: PromptLogprobs | None = None  # scored prompt tokens so far (params.prompt_logprobs), until sent
 
 
 @dataclass(slots=True)
@@ -61,7 +91,7 @@ class _EmbedJob:
     done: int = 0  # inputs embedded so far, in order
 
 
-def _scoresto_host(sc: PromptScores) -> tuple[PromptScores, Any]:
+def _scores_to_host(sc: PromptScores) -> tuple[PromptScores, Any]:
     """Queue a step's prompt logprobs' copies to the host behind it, with an event to wait for."""
     host = PromptScores(sc.items, *(to_host(t) for t in (sc.chosen, sc.rank, sc.top_vals, sc.top_ids)))
     ready = None
@@ -130,7 +160,7 @@ class LLMEngine:
                 seq.constraint = self.guide().constraint(params.grammar)
             tr = _Tracked(seq, IncrementalDetokenizer(self.tokenizer), StopChecker(params.stop))
             if params.prompt_logprobs is not None:
-                tr.prompt_lp = [(seq.token_ids[0], None, None, [])]
+                tr.prompt_lp = PromptLogprobs.starting(seq.token_ids[0])
             self.tracked[seq.seq_id] = tr
             self.scheduler.add(seq)
             seqs.append(seq)
@@ -225,7 +255,7 @@ class LLMEngine:
             seq.final_pending = seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
         self.throughput.add(live)
         if scores is not None:  # read back with this step's tokens (after the step above): no wait now
-            self.scores_queued.append(_scoresto_host(scores))
+            self.scores_queued.append(_scores_to_host(scores))
         self.inflight = queued
         if not self.overlap:
             outputs += self._read_back()
@@ -239,14 +269,19 @@ class LLMEngine:
             if ready is not None:
                 ready.synchronize()
             chosen, rank, vals, ids = (t.tolist() for t in (sc.chosen, sc.rank, sc.top_vals, sc.top_ids))
+            widest = sc.top_ids.shape[1]
             for seq, first, offset, count in sc.items:
                 tr = self.tracked.get(seq.seq_id)
                 if tr is None or tr.prompt_lp is None:
                     continue
-                k, tokens, kept = seq.params.prompt_logprobs or 0, seq.token_ids, tr.prompt_lp
-                for i in range(max(0, len(kept) - first - 1), count):
-                    r = offset + i
-                    kept.append((tokens[first + 1 + i], chosen[r], rank[r], list(zip(ids[r][:k], vals[r][:k]))))
+                kept, k = tr.prompt_lp, seq.params.prompt_logprobs or 0
+                skip = max(0, len(kept) - first - 1)
+                a, b = offset + skip, offset + count
+                kept.token_ids.extend(seq.token_ids[first + 1 + skip : first + 1 + count])
+                kept.logprobs.extend(chosen[a:b])
+                kept.ranks.extend(rank[a:b])
+                kept.top_ids.extend(ids[a:b] if k == widest else [r[:k] for r in ids[a:b]])
+                kept.top_vals.extend(vals[a:b] if k == widest else [r[:k] for r in vals[a:b]])
 
     def _may_run_ahead(self) -> bool:
         return self.overlap and self.runner.device_tokens and not any(s.reads_tokens for s in self.scheduler.running)

@@ -122,9 +122,55 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
         inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
     elif kind == "linear":
         inv = inv / scaling["factor"]
+    elif kind == "yarn":
+        inv = _yarn_inv_freq(cfg, scaling)
     elif kind not in (None, "default"):
-        raise ValueError(f"unsupported rope scaling {kind!r}")
+        raise ValueError(f"unsupported rope scaling {kind!r} (served: linear, llama3, yarn)")
     return inv.float()
+
+
+def _yarn_original(cfg: LlamaConfig, scaling: dict[str, Any]) -> tuple[float, int]:
+    original = int(scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings)
+    factor = scaling.get("factor") or cfg.max_position_embeddings / original
+    return float(factor), original
+
+
+def _yarn_inv_freq(cfg: LlamaConfig, scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN: interpolated (slow) dimensions blended into extrapolated (fast) ones along a linear ramp
+    between the dimensions that turn beta_fast and beta_slow times over the original context."""
+    factor, original = _yarn_original(cfg, scaling)
+    dim, base = cfg.head_dim, cfg.rope_theta
+    fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    pos = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    return (1 / (factor * pos)) * (1 - extrapolate) + (1 / pos) * extrapolate
+
+
+def rope_attention_factor(cfg: LlamaConfig) -> float:
+    """What a RoPE scaling multiplies cos and sin by (YaRN's mscale): it scales q and k alike, so the
+    attention scores by its square, which the softmax scale takes."""
+    scaling = dict(cfg.rope_scaling or ())
+    if scaling.get("rope_type", scaling.get("type")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, _ = _yarn_original(cfg, scaling)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+    return mscale(factor)
 
 
 @dataclass(slots=True)
@@ -199,7 +245,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.h * self.d, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.scale = self.d**-0.5
+        self.scale = self.d**-0.5 * rope_attention_factor(cfg) ** 2
         self.tp_group: Any = None  # tensor parallel: this rank holds some heads; o_proj's partial sums add up
 
     def forward(self, x: torch.Tensor, rope: Rope, kv: tuple[torch.Tensor, torch.Tensor],
