@@ -213,8 +213,9 @@ class ChatCompletionRequest(GenerationFields):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
-    reasoning_content: str | None = None  # a reasoning model's <think> span (vLLM's and DeepSeek's name)
-    reasoning: str | None = None  # the same, under the newer name
+    # a reasoning model's <think> span (vLLM's and DeepSeek's name; `reasoning` the newer), sent when there is one
+    reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)
+    reasoning: str | None = Field(None, exclude_if=lambda v: v is None)
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
     function_call: FunctionCall | None = None
@@ -235,7 +236,8 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
-    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None  # vLLM's extension
+    # vLLM's extension, sent when asked for
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class DeltaFunction(BaseModel):

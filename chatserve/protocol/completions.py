@@ -49,7 +49,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: FinishReason | None = None
     logprobs: CompletionLogprobs | None = None
-    prompt_logprobs: PromptLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None)  # sent when asked for
 
 
 class CompletionResponse(BaseModel):

@@ -192,7 +192,10 @@ def test_logprobs_n_seed_and_echo(client, platform):
     comp = client.completions.create(model=platform.model, prompt="The capital of France is", max_tokens=4,
                                      temperature=0, logprobs=2, echo=True)
     assert comp.choices[0].text.startswith("The capital of France is")
-    assert len(comp.choices[0].logprobs.tokens) == 4
+    # echo with logprobs: an entry for every prompt token (the first has none), then the 4 generated
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == comp.usage.prompt_tokens + 4 and lp.token_logprobs[0] is None
+    assert "".join(lp.tokens).startswith("The capital of France is")
 
 
 def test_json_object_response_format_parses_stream_and_non_stream(client, platform):

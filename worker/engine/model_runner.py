@@ -257,7 +257,7 @@ class ModelRunner:
         ids, pos, meta, rows = self._prepare(batch, prev_tokens)  # decode items first: rows follow that order
         seqs = [it.seq for it in batch.items if it.samples]
         hidden = self.model.hidden(ids, pos, self.kv_caches, meta)
-        self.last_scores = self._score_prompts(batch, hidden)
+        self.last_scores = self._score_prompts(batch, hidden) if self.scores_prompts else None
         if not rows:
             return torch.empty((0, self.cfg.vocab_size), device=self.device), seqs
         return self.model.logits(hidden[self._to_device(int_tensor(rows))]), seqs

@@ -249,6 +249,7 @@ def _peer_main(rank: int, world: int, port: int, source: ShardSource, conn: mult
     model = source.build(world, rank, device)
     cache, max_num_seqs, max_model_len, graphs = conn.recv()
     runner = ModelRunner(model, cache, max_num_seqs, max_model_len, use_cuda_graphs=graphs)
+    runner.scores_prompts = False  # rank 0 refuses prompt logprobs with tensor parallelism (worker/app.py)
     while True:
         msg = pickle.loads(conn.recv_bytes())
         if msg[0] == "step":
