@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import StreamingResponse
 
 from chatserve.gateway.chat import ChatService, _Tools
@@ -53,7 +53,7 @@ class _Job:
     chat: ChatCompletionRequest
     owner: str
     input_items: list[dict[str, Any]]
-    history: list[dict[str, Any]]  # the conversation before this input (from previous_response_id)
+    history: list[dict[str, Any]]  # the stored conversation (previous_response_id's) and this input, as chat messages
 
     @property
     def stream(self) -> bool:
@@ -422,13 +422,16 @@ async def _stored(request: Request, response_id: str, caller: str) -> StoredResp
     return found
 
 
+ResponseId = Path(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
 @router.get("/v1/responses/{response_id}", response_model=None)
-async def get_response(response_id: str, request: Request, caller: str = Depends(auth)) -> Any:
+async def get_response(request: Request, response_id: str = ResponseId, caller: str = Depends(auth)) -> Any:
     return (await _stored(request, response_id, caller)).response
 
 
 @router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
-async def delete_response(response_id: str, request: Request, caller: str = Depends(auth)) -> DeletedResponse:
+async def delete_response(request: Request, response_id: str = ResponseId, caller: str = Depends(auth)) -> DeletedResponse:
     store = _service(request).store
     if store is None or not await store.delete(owner_of(caller), response_id):
         raise NotFoundError(f"no stored response with id '{response_id}'", param="response_id")
@@ -436,7 +439,7 @@ async def delete_response(response_id: str, request: Request, caller: str = Depe
 
 
 @router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList)
-async def input_items(response_id: str, request: Request, caller: str = Depends(auth),
+async def input_items(request: Request, response_id: str = ResponseId, caller: str = Depends(auth),
                       order: str = Query("desc", pattern="^(asc|desc)$"), limit: int = Query(20, ge=1, le=100),
                       after: str | None = None) -> InputItemList:
     items = list((await _stored(request, response_id, caller)).input_items)
