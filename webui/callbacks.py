@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -261,16 +262,26 @@ async def respond(client: GatewayClient, store: Store, owner: str, conv_id: str 
         conv_id = await asyncio.to_thread(persist, store, owner, conv_id, history, p)
     reply = Reply()
     saved = None  # when the streaming reply was last stored: at its first text, then every CHECKPOINT_S
+    # a checkpoint runs in a thread, which a Stop (the generator closed mid-await) does not stop: the final
+    # write waits for one in progress and bars any later one, so "interrupted" never lands after "abort"
+    guard, ended = threading.Lock(), [False]
+
+    def checkpoint(conv: str | None, shown: History) -> str | None:
+        with guard:
+            return conv if ended[0] else persist(store, owner, conv, shown, p, reply, "chat", True)
+
     try:
         async for h in stream_reply(client, history, p, reply):
             history = h
             if reply.text and (saved is None or time.monotonic() - saved >= CHECKPOINT_S):
-                conv_id = await asyncio.to_thread(persist, store, owner, conv_id, history, p, reply, "chat", True)
+                conv_id = await asyncio.to_thread(checkpoint, conv_id, history)
                 saved = time.monotonic()
             yield history, conv_id
     finally:
-        if conversation_messages(history):
-            conv_id = persist(store, owner, conv_id, history, p, reply)
+        with guard:
+            ended[0] = True
+            if conversation_messages(history):
+                conv_id = persist(store, owner, conv_id, history, p, reply)
     yield history, conv_id
 
 
