@@ -269,11 +269,7 @@ class ChatService(Service):
                 events.append(sse_json({**head, "choices": [], "prompt_logprobs": vllm_prompt(
                     chunk.prompt_logprobs, body.prompt_logprobs)}))
             if thinkers:
-                thinker = thinkers[chunk.index]
-                split = thinker.feed(chunk.text) if chunk.text else Split()
-                if chunk.finish_reason:
-                    rest = thinker.finish()
-                    split = Split(split.reasoning + rest.reasoning, split.content + rest.content)
+                split = thinkers[chunk.index].feed(chunk.text, final=chunk.finish_reason is not None)
                 if split.reasoning:
                     events.append(chunk_of([ChatChunkChoice(index=chunk.index, delta=DeltaMessage(
                         reasoning_content=split.reasoning, reasoning=split.reasoning))]))

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from chatserve.gateway.deps import Admit, Charge, auth, generation, limited, streaming
-from chatserve.gateway.logprobs import legacy, vllm_prompt
+from chatserve.gateway.logprobs import end_offset, legacy, vllm_prompt
 from chatserve.gateway.sse import sse_data
 from chatserve.gateway.streams import (
     SYSTEM_FINGERPRINT,
@@ -29,7 +29,6 @@ from chatserve.gateway.streams import (
 )
 from chatserve.protocol.completions import (
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
 )
@@ -123,20 +122,23 @@ class CompletionService(Service):
             for i in range(body.n):
                 yield chunk_of([CompletionChoice(index=i, text=echo_text)])
         # a scored prompt's entries come with its first delta: the echo is sent then, with them
-        offsets = [CompletionLogprobs() for _ in range(body.n)]
+        offsets = [0] * body.n  # where each choice's next text_offset starts
         scores_only = body.max_tokens == 0
+
+        def sent(choice: CompletionChoice) -> str:
+            offsets[choice.index] = end_offset(choice.logprobs, offsets[choice.index])
+            return chunk_of([choice])
 
         def delta(chunk: GenerateChunk) -> str | None:
             events = []
             if chunk.prompt_logprobs is not None:
-                events.append(chunk_of([self._choice(body, chunk.index, echo_text, None, chunk.prompt_logprobs, [],
-                                                      offsets[chunk.index])]))
+                events.append(sent(self._choice(body, chunk.index, echo_text, None, chunk.prompt_logprobs, [],
+                                                offsets[chunk.index])))
             if scores_only:
                 chunk = GenerateChunk(kind="delta", index=chunk.index, finish_reason=chunk.finish_reason and "length")
             if chunk.text or chunk.finish_reason:
-                choice = self._choice(body, chunk.index, chunk.text, chunk.finish_reason, None, chunk.logprobs or [],
-                                      offsets[chunk.index])
-                events.append(chunk_of([choice]))
+                events.append(sent(self._choice(body, chunk.index, chunk.text, chunk.finish_reason, None,
+                                                chunk.logprobs or [], offsets[chunk.index])))
             return "".join(events) or None
 
         async for event in relay(started, delta, lambda u: chunk_of([], u), body.include_usage()):
@@ -144,16 +146,12 @@ class CompletionService(Service):
 
     @staticmethod
     def _choice(body: CompletionRequest, index: int, text: str, finish: str | None, prompt: list[Any] | None,
-                generated: list[Any], so_far: CompletionLogprobs | None = None) -> CompletionChoice:
+                generated: list[Any], offset: int = 0) -> CompletionChoice:
         """A choice (or a stream chunk's): with `echo` and `logprobs`, the prompt's entries first; text
-        offsets count on from `so_far` (a stream's entries sent before), which is kept up to date."""
+        offsets count on from `offset` (where a stream's entries sent before end)."""
         lp = None
         if body.logprobs is not None:
-            start = len(so_far.tokens) if so_far is not None else 0
-            whole = legacy(generated, legacy(prompt or [] if body.echo else [], so_far))
-            lp = whole if so_far is None else CompletionLogprobs(
-                tokens=whole.tokens[start:], token_logprobs=whole.token_logprobs[start:],
-                top_logprobs=whole.top_logprobs[start:], text_offset=whole.text_offset[start:])
+            lp = legacy(generated, legacy(prompt or [] if body.echo else [], start=offset), start=offset)
         pl = vllm_prompt(prompt, body.prompt_logprobs) if prompt is not None and body.prompt_logprobs is not None else None
         return CompletionChoice(index=index, text=text, finish_reason=finish,  # type: ignore[arg-type]
                                 logprobs=lp, prompt_logprobs=pl)

@@ -9,12 +9,18 @@ from chatserve.protocol.completions import CompletionLogprobs, PromptLogprobs
 from chatserve.protocol.internal import TokenLogprobInfo
 
 
-def legacy(items: Sequence[TokenLogprobInfo], out: CompletionLogprobs | None = None) -> CompletionLogprobs:
+def end_offset(lp: CompletionLogprobs | None, start: int = 0) -> int:
+    """The text offset after the last entry (`start` where there is none)."""
+    return lp.text_offset[-1] + len(lp.tokens[-1]) if lp is not None and lp.tokens else start
+
+
+def legacy(items: Sequence[TokenLogprobInfo], out: CompletionLogprobs | None = None,
+           start: int = 0) -> CompletionLogprobs:
     """Entries appended to `out` (a prompt's, then its completion's), text offsets counting on from its
-    last. A prompt's first token has no logprob (null) and no alternatives; with `logprobs: 0` the
-    alternatives are the chosen token alone."""
+    last (from `start` when it has none). A prompt's first token has no logprob (null) and no
+    alternatives; with `logprobs: 0` the alternatives are the chosen token alone."""
     out = out if out is not None else CompletionLogprobs()
-    offset = out.text_offset[-1] + len(out.tokens[-1]) if out.tokens else 0
+    offset = end_offset(out, start)
     for lp in items:
         out.tokens.append(lp.token)
         out.token_logprobs.append(lp.logprob)

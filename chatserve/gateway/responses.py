@@ -340,10 +340,8 @@ class ResponsesService(ChatService):
         finish = None
         try:
             async for chunk in started.rest():
-                split = thinker.feed(chunk.text) if thinker is not None and chunk.text else Split(content=chunk.text)
-                if chunk.finish_reason and thinker is not None:
-                    rest = thinker.finish()
-                    split = Split(split.reasoning + rest.reasoning, split.content + rest.content)
+                split = thinker.feed(chunk.text, final=chunk.finish_reason is not None) if thinker is not None \
+                    else Split(content=chunk.text)
                 for ev in out.text("reasoning", split.reasoning):
                     yield ev
                 parsed = parser.feed(split.content) if parser is not None else Parsed(split.content)

@@ -44,7 +44,15 @@ class ReasoningParser:
         self.state = "think" if open_now else "lead"
         self.buffer = ""
 
-    def feed(self, delta: str) -> Split:
+    def feed(self, delta: str, final: bool = False) -> Split:
+        """The parts that are certain after `delta`; with `final` (the reply's last delta), all the rest too."""
+        out = self._feed(delta)
+        if final:
+            rest = self.finish()
+            out = Split(out.reasoning + rest.reasoning, out.content + rest.content)
+        return out
+
+    def _feed(self, delta: str) -> Split:
         self.buffer += delta
         out = Split()
         while True:
@@ -91,9 +99,7 @@ class ReasoningParser:
 
 def parse(text: str, open_now: bool, open_tag: str = OPEN, close_tag: str = CLOSE) -> Split:
     """The whole text split at once (non-streaming responses)."""
-    parser = ReasoningParser(open_now, open_tag, close_tag)
-    a, b = parser.feed(text), parser.finish()
-    return Split(a.reasoning + b.reasoning, a.content + b.content)
+    return ReasoningParser(open_now, open_tag, close_tag).feed(text, final=True)
 
 
 PARSERS = ("auto", "none", "think")
